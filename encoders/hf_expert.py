@@ -1,0 +1,83 @@
+"""Vision experts from transformers: CLIP / SigLIP vision towers (and any AutoModel vision tower)."""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.config import VisionConfig
+from zoo.hf import config_to_dict
+
+from .base import ENCODERS, VisionExpert, hidden_state_to_block
+
+# Normalisation of the families whose processors we do not load when the weights are random.
+_FAMILY_NORM = {
+    "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def _vision_config(config: VisionConfig):
+    from transformers import AutoConfig
+
+    if config.pretrained:
+        if not config.name:
+            raise ValueError("vision.name: a hub id or local dir is required when vision.pretrained is true")
+        try:
+            cfg = AutoConfig.from_pretrained(config.name)
+        except OSError as e:
+            raise OSError(f"vision.name: cannot resolve {config.name!r} locally or in the offline cache: {e}") from e
+        return getattr(cfg, "vision_config", cfg)
+    kwargs = dict(config.kwargs)
+    model_type = kwargs.pop("model_type", None)
+    if not model_type:
+        raise ValueError("vision.kwargs.model_type: required for kind 'hf' without pretrained weights "
+                         "(e.g. clip_vision_model, siglip_vision_model)")
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"vision.kwargs: transformers rejected the vision config: {e}") from e
+
+
+@ENCODERS.register("hf")
+class HFVisionTower(VisionExpert):
+    """A transformers vision tower read through ``hidden_states[feature_layer]`` (LLaVA's ``default`` strategy
+    drops the CLS token)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__(config)
+        from transformers import AutoModel
+
+        vcfg = _vision_config(config)
+        if config.image_size is not None:
+            vcfg.image_size = config.image_size
+        if config.pretrained:
+            self.model = AutoModel.from_pretrained(config.name, config=vcfg)
+        else:
+            self.model = AutoModel.from_config(vcfg)
+        self.hf_config = vcfg
+        self.block_index = hidden_state_to_block(config.feature_layer, vcfg.num_hidden_layers)
+        self.width = vcfg.hidden_size
+        side = vcfg.image_size // vcfg.patch_size
+        self.grid = (side, side)
+        embeddings = _embeddings(self.model)
+        self.num_prefix_tokens = int(hasattr(embeddings, "class_embedding")) + int(
+            getattr(vcfg, "num_register_tokens", 0) or 0)
+        self.image_size = int(vcfg.image_size)
+        mean, std = _FAMILY_NORM.get(vcfg.model_type, _FAMILY_NORM["clip_vision_model"])
+        self.mean = tuple(config.mean or mean)
+        self.std = tuple(config.std or std)
+
+    def resolved_config(self) -> VisionConfig:
+        resolved = super().resolved_config()
+        resolved.kwargs = config_to_dict(self.hf_config)
+        return resolved
+
+    def forward_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        hidden = out.hidden_states[self.block_index + 1]
+        return hidden[:, self.num_prefix_tokens:] if self.config.drop_prefix else hidden
+
+
+def _embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "vision_model", model)
+    return inner.embeddings

@@ -1,0 +1,19 @@
+"""zoo: assemble, train, evaluate and share sparse vision-language models.
+
+>>> import zoo
+>>> zoo.list_models()                      # catalogue names
+>>> model = zoo.build("tiny-llava")        # fresh model from a catalogue name or YAML path
+>>> model = zoo.load("path/or/hub-id")     # a trained checkpoint
+>>> model.answer(images, questions)
+"""
+
+from zoo.catalogue import build, get_config, list_models, load
+from zoo.config import ConfigError, ModelConfig
+from zoo.model import ZooModel, ZooOutput
+from zoo.registry import Registry, UnknownPartError
+
+__version__ = "0.1.0"
+__all__ = [
+    "ConfigError", "ModelConfig", "Registry", "UnknownPartError", "ZooModel", "ZooOutput",
+    "build", "get_config", "list_models", "load",
+]

@@ -1,0 +1,91 @@
+"""The catalogue (``configs/models/*.yaml``) and the public entry points ``build``, ``load``, ``list_models``."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from zoo.config import ConfigError, ModelConfig
+from zoo.registry import Registry, UnknownPartError
+
+CATALOGUE: Registry[Path] = Registry("model")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def configs_dir() -> Path:
+    """Where the catalogue lives: ``$ZOO_CONFIGS`` or the repository's ``configs/`` folder."""
+    return Path(os.environ.get("ZOO_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
+
+
+def _scan() -> None:
+    for path in sorted((configs_dir() / "models").glob("*.yaml")):
+        if path.stem not in CATALOGUE:
+            CATALOGUE.register(path.stem, path)
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Catalogue names (including the ``-tiny`` twins), optionally only those of one `family`."""
+    _scan()
+    names = CATALOGUE.names()
+    if family is None:
+        return names
+    return [n for n in names if ModelConfig.from_file(CATALOGUE.get(n)).family == family]
+
+
+def get_config(name_or_path: str | Path | ModelConfig) -> ModelConfig:
+    """A :class:`ModelConfig` from a catalogue name, a YAML/JSON path, or a config (returned as is)."""
+    if isinstance(name_or_path, ModelConfig):
+        return name_or_path
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+        return ModelConfig.from_file(path)
+    _scan()
+    return ModelConfig.from_file(CATALOGUE.get(str(name_or_path)))
+
+
+def build(name_or_config: str | Path | ModelConfig, device: str | torch.device | None = None):
+    """A fresh model from a catalogue name, a YAML path or a :class:`ModelConfig`.
+
+    Parts marked ``pretrained`` load their weights (local dir or offline cache); the rest start random.
+    """
+    from zoo.model import ZooModel
+    from zoo.tokenizer import build_tokenizer
+
+    config = get_config(name_or_config)
+    model = ZooModel(config, build_tokenizer(config.tokenizer))
+    return model.to(device) if device is not None else model
+
+
+def resolve_hub_dir(repo_id: str) -> Path:
+    """A local snapshot of hub repo `repo_id` (the offline cache when ``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as e:  # huggingface_hub raises several error types for "not available offline"
+        raise OSError(f"{repo_id!r}: not a local directory and not available from the hub or its offline cache "
+                      f"({type(e).__name__}: {e})") from e
+
+
+def load(source: str | Path, device: str | torch.device | None = None):
+    """Load a trained model from a local checkpoint dir, a Hugging Face hub id (offline cache honoured) or a
+    catalogue name whose entry names released ``weights``."""
+    from zoo.model import ZooModel
+
+    path = Path(source)
+    if path.is_dir():
+        return ZooModel.from_pretrained(path, device=device)
+    _scan()
+    if str(source) in CATALOGUE:
+        config = get_config(str(source))
+        if not config.weights:
+            raise ConfigError(f"{source}: the catalogue entry names no released weights; "
+                              f"use zoo.build({str(source)!r}) for a fresh model")
+        return load(config.weights, device=device)
+    if _HUB_ID.match(str(source)):
+        return ZooModel.from_pretrained(resolve_hub_dir(str(source)), device=device)
+    raise UnknownPartError(f"{source!r} is not a directory, a hub id (org/name) or a catalogue name. "
+                           f"Catalogue: {', '.join(CATALOGUE.names())}")

@@ -1,0 +1,226 @@
+"""Typed dataclass configs that round-trip YAML/JSON, with strict loading.
+
+Loading is strict: an unknown key is an error naming its full path (``connector.dpeth``) and the closest valid key;
+a value of the wrong type names the field and the value. Part names (``kind`` fields) are checked against their
+registries when the model is built, and the error lists the registered names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message starts with the full path of the bad field."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp` and convert nested dataclasses; raise ConfigError naming `path`."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{path}: expected one of {choices}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r} ({type(value).__name__})")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        items = [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r} ({type(value).__name__})")
+        _key_tp, val_tp = typing.get_args(tp) or (str, Any)
+        return {k: _convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {value!r} ({type(value).__name__})")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    raise TypeError(f"{path}: unsupported config annotation {tp!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from a plain mapping, strictly (see the module docstring)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+            hint = f"; did you mean '{path + '.' if path else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{full}'{hint} Valid keys: {', '.join(fields)}")
+        kwargs[key] = _convert(hints[key], value, full)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{path or cls.__name__}: missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path or cls.__name__}: {e}") from e
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain (JSON/YAML-safe) form of a config dataclass; tuples become lists."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file as a mapping; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from e
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model config: one block per part. `kind` names the registered implementation of each part.
+
+
+@dataclass
+class VisionConfig:
+    """One vision expert. `kind`: `timm` (any timm model name) or `hf` (transformers vision tower)."""
+
+    kind: str = "timm"
+    name: str | None = None  # timm model name, or transformers hub id / local dir for `hf`
+    pretrained: bool = False  # load the named weights (hub or offline cache); False builds random weights
+    kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs, or a transformers config dict
+    feature_layer: int = -2  # index into hidden_states: -2 = penultimate block (LLaVA), -1 = last
+    drop_prefix: bool = True  # drop CLS / register tokens
+    image_size: int | None = None  # input resolution; None: the model's own
+    mean: list[float] | None = None  # normalisation; None: the model's own
+    std: list[float] | None = None
+    resize: typing.Literal["squash", "pad"] = "squash"  # pad = letterbox with the mean colour (LLaVA-1.5)
+    frozen: bool = False
+
+
+@dataclass
+class ConnectorConfig:
+    """Vision -> LM bridge. `kind`: `mlp` (LLaVA projector; `projector`: linear | identity | mlpNx_gelu)."""
+
+    kind: str = "mlp"
+    projector: str = "mlp2x_gelu"
+    bias: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    """`name`: hub id or local dir of a tokenizer; or `train_on`: a corpus to train a word-level tokenizer on."""
+
+    name: str | None = None
+    train_on: str | None = None  # e.g. "easy-vqa"
+    image_token: str = "<image>"
+
+
+@dataclass
+class LMConfig:
+    """Language model. `kind`: `hf` (any transformers causal LM, by hub id / dir or by config dict)."""
+
+    kind: str = "hf"
+    name: str | None = None  # hub id or local dir
+    pretrained: bool = False
+    config: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs incl. model_type
+    attn_implementation: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    """A whole vision-language model: vision expert -> connector -> language model."""
+
+    name: str = "unnamed"
+    family: str = "llava"
+    description: str = ""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prompt: str = "<image>\n{question}"  # template for answer(); the answer follows after one space
+    max_length: int = 2048
+    image_token_id: int | None = None  # filled from the tokenizer when the model is built
+    weights: str | None = None  # released weights for zoo.load(name): a zoo checkpoint dir or hub id
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return from_dict(cls, data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Load a model config from YAML or JSON, strictly; errors start with the file name."""
+        try:
+            return from_dict(cls, read_mapping(path))
+        except ConfigError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise ConfigError(f"{path}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -1,0 +1,271 @@
+"""``ZooModel``: vision expert -> connector -> splice at ``<image>`` placeholders -> transformers causal LM."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from zoo.checkpoint import load_weights, read_checkpoint_config, save_checkpoint
+from zoo.config import ModelConfig
+from zoo.connectors import build_connector
+from zoo.encoders import build_encoder
+from zoo.lm import build_lm, lm_config_dict
+from zoo.tokenizer import build_tokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Spliced:
+    """The LM's inputs after the image blocks replace their placeholders (all ``[B, T']``, embeds ``[B, T', d]``)."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    image_mask: torch.Tensor  # True at image-token positions: the modality mask sparse layers read
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class ZooOutput:
+    """``loss`` = LM cross-entropy + sum of coefficient * aux loss; each aux term is kept unscaled by name."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)
+    past_key_values: object | None = None
+    image_mask: torch.Tensor | None = None
+
+
+class ZooModel(nn.Module):
+    """A vision-language model assembled from a :class:`~zoo.config.ModelConfig`.
+
+    Build one with :func:`zoo.build` or load one with :func:`zoo.load`. ``forward`` takes ``pixel_values``
+    ``[N_images, 3, S, S]`` (images in placeholder order across the batch), ``input_ids`` ``[B, T]`` holding one
+    image-token id per image, and optional ``attention_mask`` / ``labels`` ``[B, T]``.
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vision = build_encoder(config.vision)
+        self.lm = build_lm(config.lm, vocab_size=len(tokenizer) if tokenizer is not None else None)
+        self.connector = build_connector(config.connector, self.vision.width, self.lm.config.hidden_size)
+        if config.image_token_id is None:
+            if tokenizer is None:
+                raise ValueError("image_token_id: not set and no tokenizer to read it from")
+            config.image_token_id = tokenizer.convert_tokens_to_ids(config.tokenizer.image_token)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """LM positions one image occupies after splicing."""
+        return self.vision.num_tokens
+
+    # ------------------------------------------------------------------ forward
+    def encode_images(self, pixel_values: torch.Tensor):
+        """``[N, 3, S, S]`` -> :class:`~zoo.connectors.ConnectorOutput` with tokens ``[N, Lv, d_lm]``."""
+        dtype = next(self.vision.parameters()).dtype
+        features = self.vision(pixel_values.to(dtype))
+        return self.connector(features)
+
+    def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+               attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+               padding_side: str = "right") -> Spliced:
+        """Replace each image placeholder by its block of image tokens, vectorised over the batch.
+
+        The output is padded on ``padding_side`` (left for generation); labels at image positions are -100.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        is_img = (input_ids == self.image_token_id) & attention_mask.bool()
+        n_img = is_img.sum(1)
+        given = 0 if image_embeds is None else image_embeds.shape[0]
+        if int(n_img.sum()) != given:
+            raise ValueError(f"input_ids hold {int(n_img.sum())} image placeholder(s) (id {self.image_token_id}) "
+                             f"but {given} image(s) were given; per sample: {n_img.tolist()}")
+        L = image_embeds.shape[1] if image_embeds is not None else 1
+        before = torch.cumsum(is_img.long(), 1) - is_img.long()  # placeholders strictly before each position
+        new_pos = torch.arange(T, device=input_ids.device).unsqueeze(0) + (L - 1) * before
+        new_len = T + (L - 1) * n_img
+        total = int(new_len.max())
+        if padding_side == "left":
+            new_pos = new_pos + (total - new_len).unsqueeze(1)
+        elif padding_side != "right":
+            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+        valid = attention_mask.sum(1) + (L - 1) * n_img
+        if int(valid.max()) > self.config.max_length:
+            worst = int(valid.argmax())
+            raise ValueError(f"sample {worst} is {int(valid[worst])} tokens long after expanding its images "
+                             f"(max_length {self.config.max_length}); truncate it in the data pipeline")
+
+        embed = self.lm.get_input_embeddings()
+        text_ids = torch.where(is_img, torch.zeros_like(input_ids), input_ids)
+        text_embeds = embed(text_ids)
+        d = text_embeds.shape[-1]
+        rows = torch.arange(B, device=input_ids.device).unsqueeze(1).expand(B, T)
+        is_text = ~is_img
+        embeds = text_embeds.new_zeros(B, total, d)
+        embeds[rows[is_text], new_pos[is_text]] = text_embeds[is_text]
+        mask = attention_mask.new_zeros(B, total)
+        mask[rows, new_pos] = attention_mask
+        image_mask = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
+        if given:
+            offsets = torch.arange(L, device=input_ids.device)
+            img_rows = rows[is_img].unsqueeze(1).expand(-1, L)
+            img_cols = new_pos[is_img].unsqueeze(1) + offsets
+            embeds[img_rows, img_cols] = image_embeds.to(embeds.dtype)
+            mask[img_rows, img_cols] = 1
+            image_mask[img_rows, img_cols] = True
+        new_labels = None
+        if labels is not None:
+            new_labels = labels.new_full((B, total), IGNORE_INDEX)
+            new_labels[rows[is_text], new_pos[is_text]] = labels[is_text]
+            new_labels = new_labels.masked_fill(mask == 0, IGNORE_INDEX)
+        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+        return Spliced(embeds, mask, position_ids, image_mask, new_labels)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> ZooOutput:
+        """Logits ``[B, T', V]`` over the spliced sequence; with ``labels``, the loss on unmasked labels.
+
+        A sample whose labels are all -100 raises: it would train on nothing (data pipelines skip such samples).
+        """
+        image_out = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        sp = self.splice(input_ids, image_out.tokens if image_out is not None else None, attention_mask, labels)
+        if sp.labels is not None:
+            # The LM predicts token t+1 from t: a label at position 0 is never a target.
+            empty = (sp.labels[:, 1:] == IGNORE_INDEX).all(1)
+            if bool(empty.any()):
+                raise ValueError(f"sample(s) {empty.nonzero().flatten().tolist()} have no supervised token "
+                                 "(all labels are -100): the loss would be silently zero for them")
+        out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                      position_ids=sp.position_ids, labels=sp.labels, use_cache=False)
+        aux = dict(image_out.aux_losses) if image_out is not None else {}
+        routing = dict(image_out.routing) if image_out is not None else {}
+        return ZooOutput(logits=out.logits, loss=out.loss, lm_loss=out.loss, aux_losses=aux, routing=routing,
+                         image_mask=sp.image_mask)
+
+    # ------------------------------------------------------------------ prompts and generation
+    def encode_prompt(self, question: str) -> list[int]:
+        """Token ids of the prompt template filled with `question` (one image placeholder)."""
+        text = self.config.prompt.format(question=question)
+        return self.tokenizer(text).input_ids
+
+    def encode_answer(self, answer: str) -> list[int]:
+        """Token ids of an answer as it follows the prompt, closed by EOS (the supervised span)."""
+        return self.tokenizer(" " + answer, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int = 16) -> torch.Tensor:
+        """Greedy decoding with the KV cache from left-padded prompts; returns new ids ``[B, <=max_new_tokens]``
+        (pad after EOS)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        image_embeds = self.encode_images(pixel_values).tokens if pixel_values is not None else None
+        sp = self.splice(input_ids, image_embeds, attention_mask, padding_side="left")
+        out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                      position_ids=sp.position_ids, use_cache=True)
+        mask, position = sp.attention_mask, sp.position_ids[:, -1:]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        steps = []
+        for step in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            steps.append(token)
+            done |= token == eos
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            position = position + 1
+            out = self.lm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
+                          past_key_values=out.past_key_values, use_cache=True)
+        return torch.stack(steps, 1)
+
+    def collate_prompts(self, prompts: Sequence[list[int]], padding_side: str = "left"):
+        """Pad token-id lists to ``input_ids`` and ``attention_mask`` ``[B, T]``."""
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            span = slice(width - len(p), width) if padding_side == "left" else slice(0, len(p))
+            ids[i, span] = torch.tensor(p, dtype=torch.long)
+            mask[i, span] = 1
+        return ids, mask
+
+    @torch.no_grad()
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8,
+               batch_size: int = 16, progress: bool = False) -> list[str]:
+        """Answer one question per image: greedy, batched with left padding; answers do not depend on batch size."""
+        if len(images) != len(questions):
+            raise ValueError(f"answer(): {len(images)} images but {len(questions)} questions")
+        if self.tokenizer is None:
+            raise ValueError("answer(): this model has no tokenizer")
+        was_training = self.training
+        self.eval()
+        answers: list[str] = []
+        starts = range(0, len(questions), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="answering", unit="batch")
+        try:
+            for start in starts:
+                qs = questions[start:start + batch_size]
+                ids, mask = self.collate_prompts([self.encode_prompt(q) for q in qs])
+                pixels = self.vision.preprocess(images[start:start + batch_size]).to(self.device)
+                new = self.generate(pixels, ids.to(self.device), mask.to(self.device), max_new_tokens)
+                answers += [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        finally:
+            self.train(was_training)
+        return answers
+
+    # ------------------------------------------------------------------ checkpoints
+    def resolved_config(self) -> ModelConfig:
+        """The config that rebuilds this exact architecture without any download: parts' architectures are
+        written out in full and ``pretrained`` flags are cleared (the weights come from the checkpoint)."""
+        config = copy.deepcopy(self.config)
+        config.vision = self.vision.resolved_config()
+        config.lm.pretrained = False
+        config.lm.config = lm_config_dict(self.lm)
+        config.tokenizer.train_on = None
+        return config
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer files to `directory`."""
+        return save_checkpoint(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> ZooModel:
+        """Load a checkpoint written by :meth:`save_pretrained` (no pickle; tensors checked by name and shape)."""
+        directory = Path(directory)
+        config = read_checkpoint_config(directory)
+        tokenizer = None
+        if (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.json").exists():
+            tokenizer = build_tokenizer(config.tokenizer, path=str(directory))
+        model = cls(config, tokenizer)
+        load_weights(model, directory)
+        if device is not None:
+            model.to(device)
+        return model.eval()
