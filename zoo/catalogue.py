@@ -59,20 +59,21 @@ def build(name_or_config: str | Path | ModelConfig, device: str | torch.device |
     return model.to(device) if device is not None else model
 
 
-def resolve_hub_dir(repo_id: str) -> Path:
-    """A local snapshot of hub repo `repo_id` (the offline cache when ``HF_HUB_OFFLINE=1``)."""
+def resolve_hub_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    """A local snapshot of hub repo `repo_id` (only the offline cache when ``HF_HUB_OFFLINE=1``)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        return Path(snapshot_download(repo_id, cache_dir=cache_dir,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as e:  # huggingface_hub raises several error types for "not available offline"
         raise OSError(f"{repo_id!r}: not a local directory and not available from the hub or its offline cache "
                       f"({type(e).__name__}: {e})") from e
 
 
-def load(source: str | Path, device: str | torch.device | None = None):
-    """Load a trained model from a local checkpoint dir, a Hugging Face hub id (offline cache honoured) or a
-    catalogue name whose entry names released ``weights``."""
+def load(source: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None):
+    """Load a trained model from a local checkpoint dir, a Hugging Face hub id (offline cache honoured;
+    `cache_dir` overrides the hub cache location) or a catalogue name whose entry names released ``weights``."""
     from zoo.model import ZooModel
 
     path = Path(source)
@@ -84,8 +85,8 @@ def load(source: str | Path, device: str | torch.device | None = None):
         if not config.weights:
             raise ConfigError(f"{source}: the catalogue entry names no released weights; "
                               f"use zoo.build({str(source)!r}) for a fresh model")
-        return load(config.weights, device=device)
+        return load(config.weights, device=device, cache_dir=cache_dir)
     if _HUB_ID.match(str(source)):
-        return ZooModel.from_pretrained(resolve_hub_dir(str(source)), device=device)
+        return ZooModel.from_pretrained(resolve_hub_dir(str(source), cache_dir), device=device)
     raise UnknownPartError(f"{source!r} is not a directory, a hub id (org/name) or a catalogue name. "
                            f"Catalogue: {', '.join(CATALOGUE.names())}")

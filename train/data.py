@@ -1,0 +1,113 @@
+"""VQA data for training: the easy-vqa set, encoding to token ids with answer-only labels, and batching."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from zoo.model import IGNORE_INDEX, ZooModel
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class VQASample:
+    """One question about one image; ``image`` indexes the split's image list."""
+
+    image: int
+    question: str
+    answer: str
+    id: str
+
+
+@dataclass
+class VQASplit:
+    """A VQA split: images (PIL, loaded once) and the questions about them."""
+
+    images: list[Image.Image]
+    samples: list[VQASample]
+
+
+def load_easy_vqa(split: str = "train") -> VQASplit:
+    """The easy-vqa data shipped inside the ``easy-vqa`` package (no download): 64x64 shape images."""
+    import easy_vqa
+
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    order = sorted(paths)
+    position = {image_id: i for i, image_id in enumerate(order)}
+    images = []
+    for image_id in order:
+        with Image.open(paths[image_id]) as im:
+            images.append(im.convert("RGB"))
+    samples = [VQASample(position[i], q, a, f"easy-vqa/{split}/{n}")
+               for n, (q, a, i) in enumerate(zip(questions, answers, image_ids))]
+    return VQASplit(images, samples)
+
+
+class SkipCounter:
+    """Counts skipped samples by reason and remembers their ids (logged, never silent)."""
+
+    def __init__(self):
+        self.by_reason: dict[str, list[str]] = {}
+
+    def skip(self, reason: str, sample_id: str) -> None:
+        self.by_reason.setdefault(reason, []).append(sample_id)
+        log.warning("skipping sample %s: %s", sample_id, reason)
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self.by_reason.values())
+
+
+class VQATrainingSet(Dataset):
+    """Encodes each sample as prompt + answer token ids with labels on the answer (+ EOS) only.
+
+    The images of the split are preprocessed once by the model's vision expert. A sample that would be longer
+    than ``model.config.max_length`` after image expansion is truncated; if no answer token survives it is
+    skipped and counted in ``skipped`` (with its id), never trained on with an all-masked label row.
+    """
+
+    def __init__(self, model: ZooModel, split: VQASplit):
+        self.pixels = model.vision.preprocess(split.images)
+        self.skipped = SkipCounter()
+        budget = model.config.max_length - (model.num_image_tokens - 1)
+        self.items: list[tuple[int, list[int], int]] = []  # (image, ids, number of prompt tokens)
+        for sample in split.samples:
+            prompt = model.encode_prompt(sample.question)
+            ids = (prompt + model.encode_answer(sample.answer))[:budget]
+            if len(ids) <= len(prompt):
+                self.skipped.skip(f"no answer token left after truncation to max_length "
+                                  f"{model.config.max_length}", sample.id)
+                continue
+            self.items.append((sample.image, ids, len(prompt)))
+        self.pad_id = model.tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, list[int], int]:
+        return self.items[index]
+
+    def collate(self, batch: Sequence[tuple[int, list[int], int]]) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` and ``pixel_values``."""
+        width = max(len(ids) for _, ids, _ in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (_, ids, n_prompt) in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+            labels[row, n_prompt:len(ids)] = input_ids[row, n_prompt:len(ids)]
+        images = torch.tensor([image for image, _, _ in batch])
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                "pixel_values": self.pixels[images]}

@@ -1,0 +1,70 @@
+"""The ``zoo`` command: ``list``, ``build``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import zoo
+
+    rows = []
+    for name in zoo.list_models(family=args.family):
+        cfg = zoo.get_config(name)
+        lm = cfg.lm.name or cfg.lm.config.get("model_type", "?")
+        rows.append((name, cfg.family, f"{cfg.vision.kind}:{cfg.vision.name}", cfg.connector.projector, lm))
+    header = ("name", "family", "vision", "connector", "lm")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    import zoo
+
+    model = zoo.build(args.model)
+    total = sum(p.numel() for p in model.parameters())
+    parts = {name: sum(p.numel() for p in getattr(model, name).parameters())
+             for name in ("vision", "connector", "lm")}
+    print(f"{model.config.name}: {total:,} parameters ("
+          + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + f"); {model.num_image_tokens} tokens per image")
+    if args.out:
+        model.save_pretrained(args.out)
+        print(f"saved to {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from zoo.train.demo import DEMO_TRAINING, run_demo
+
+    training = DEMO_TRAINING if args.steps is None else DEMO_TRAINING.__class__(
+        **{**DEMO_TRAINING.__dict__, "steps": args.steps})
+    run_demo(args.model, out_dir=args.out, training=training, eval_limit=args.limit)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``zoo`` command line."""
+    parser = argparse.ArgumentParser(prog="zoo", description="Assemble, train and evaluate vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="list the catalogue")
+    p.add_argument("--family", default=None)
+    p.set_defaults(func=_cmd_list)
+    p = sub.add_parser("build", help="build a model from a catalogue name or YAML and print its size")
+    p.add_argument("model")
+    p.add_argument("--out", default=None, help="save the fresh model to this directory")
+    p.set_defaults(func=_cmd_build)
+    p = sub.add_parser("demo", help="train and evaluate the demo model on easy-vqa")
+    p.add_argument("--model", default="tiny-llava")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo schedule)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test questions only")
+    p.set_defaults(func=_cmd_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
