@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# Keys that record where a config came from, not what it builds.
-_PROVENANCE_KEYS = ("transformers_version", "architectures", "_name_or_path")
+# Keys that record where a config came from, or classification labels (whose int keys JSON turns into
+# strings), not what a vision tower or causal LM builds.
+_NON_ARCHITECTURE_KEYS = ("transformers_version", "architectures", "_name_or_path", "id2label", "label2id")
 
 
 def config_to_dict(hf_config: Any) -> dict[str, Any]:
@@ -13,6 +14,6 @@ def config_to_dict(hf_config: Any) -> dict[str, Any]:
 
     The full dict, not the diff against defaults: defaults may change between transformers releases.
     """
-    data = {k: v for k, v in hf_config.to_dict().items() if k not in _PROVENANCE_KEYS}
+    data = {k: v for k, v in hf_config.to_dict().items() if k not in _NON_ARCHITECTURE_KEYS}
     data["model_type"] = hf_config.model_type
     return data
