@@ -1,4 +1,4 @@
-"""Vision experts from timm: any timm ViT-style model by name, features from a chosen block."""
+"""Vision experts from timm: any timm model by name, patch tokens from a chosen block (ViTs) or stage (CNNs)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from .base import ENCODERS, VisionExpert, hidden_state_to_block
 class TimmExpert(VisionExpert):
     """A timm model (``timm.create_model(name, **kwargs)``) read through ``forward_intermediates``.
 
-    ``feature_layer`` counts like transformers' ``hidden_states`` (-2 = penultimate block); prefix tokens
-    (CLS, registers) are dropped unless ``drop_prefix`` is false, in which case they come first.
+    ViTs (models with ``patch_embed`` and ``blocks``): ``feature_layer`` counts like transformers'
+    ``hidden_states`` (-2 = penultimate block); prefix tokens (CLS, registers) are dropped unless
+    ``drop_prefix`` is false, in which case they come first. CNNs (ConvNeXt, ResNet, ...): ``feature_layer``
+    indexes the feature stages (``model.feature_info``; -1 = last), and the map ``[B, C, h, w]`` is flattened
+    row-major to ``[B, h*w, C]``.
     """
 
     def __init__(self, config: VisionConfig):
@@ -25,33 +28,61 @@ class TimmExpert(VisionExpert):
         if not config.name:
             raise ValueError("vision.name: a timm model name is required for kind 'timm'")
         kwargs = dict(config.kwargs)
-        if config.image_size is not None:
-            kwargs.setdefault("img_size", config.image_size)
         kwargs.setdefault("num_classes", 0)
         try:
-            self.model = timm.create_model(config.name, pretrained=config.pretrained, **kwargs)
+            self.model = _create(timm, config, kwargs)
         except Exception as e:  # timm raises RuntimeError/TypeError/hub errors; name the config fields instead
             raise ValueError(f"vision: timm.create_model({config.name!r}, pretrained={config.pretrained}, "
                              f"**{kwargs}) failed: {e}") from e
-        if not hasattr(self.model, "forward_intermediates") or not hasattr(self.model, "patch_embed"):
-            raise ValueError(f"vision.name: timm model {config.name!r} is not a patch-token model "
-                             "(needs forward_intermediates and patch_embed)")
-        self.block_index = hidden_state_to_block(config.feature_layer, len(self.model.blocks))
-        self.width = self.model.embed_dim
-        self.grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
-        self.num_prefix_tokens = int(self.model.num_prefix_tokens)
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(f"vision.name: timm model {config.name!r} has no forward_intermediates")
         data_cfg = timm.data.resolve_model_data_config(self.model)
         self.image_size = int(config.image_size or data_cfg["input_size"][-1])
         self.mean = tuple(config.mean or data_cfg["mean"])
         self.std = tuple(config.std or data_cfg["std"])
+        self.is_vit = hasattr(self.model, "patch_embed") and hasattr(self.model, "blocks")
+        if self.is_vit:
+            self.index = hidden_state_to_block(config.feature_layer, len(self.model.blocks))
+            self.width = self.model.embed_dim
+            self.grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
+            self.num_prefix_tokens = int(self.model.num_prefix_tokens)
+        else:
+            stages = self.model.feature_info
+            n = len(stages)
+            if not -n <= config.feature_layer < n:
+                raise ValueError(f"vision.feature_layer: {config.feature_layer} is out of range for "
+                                 f"{config.name!r} with {n} feature stages (valid: 0..{n - 1} or -{n}..-1)")
+            self.index = config.feature_layer % n
+            info = stages[self.index]
+            self.width = int(info["num_chs"])
+            side = -(-self.image_size // int(info["reduction"]))  # ceil: strided convs pad
+            self.grid = (side, side)
+            self.num_prefix_tokens = 0
 
     def forward_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not self.is_vit:
+            (fmap,) = self.model.forward_intermediates(pixel_values, indices=[self.index], stop_early=True,
+                                                       intermediates_only=True)
+            return fmap.flatten(2).transpose(1, 2)
         keep_prefix = not self.config.drop_prefix
         (out,) = self.model.forward_intermediates(
-            pixel_values, indices=[self.block_index], return_prefix_tokens=keep_prefix, norm=False,
+            pixel_values, indices=[self.index], return_prefix_tokens=keep_prefix, norm=False,
             stop_early=True, output_fmt="NLC", intermediates_only=True,
         )
         if keep_prefix:
             tokens, prefix = out
             return torch.cat([prefix, tokens], dim=1)
         return out
+
+
+
+def _create(timm, config: VisionConfig, kwargs: dict):
+    """``timm.create_model`` with ``img_size`` for ViT-style models; size-agnostic CNNs take no ``img_size``."""
+    if config.image_size is None or "img_size" in kwargs:
+        return timm.create_model(config.name, pretrained=config.pretrained, **kwargs)
+    try:
+        return timm.create_model(config.name, pretrained=config.pretrained, img_size=config.image_size, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        return timm.create_model(config.name, pretrained=config.pretrained, **kwargs)

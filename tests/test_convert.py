@@ -12,6 +12,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+import zoo.checkpoint
 import zoo.convert
 from zoo.config import ConnectorConfig, LMConfig, ModelConfig, VisionConfig
 from zoo.hf import config_to_dict
@@ -238,3 +239,23 @@ def test_from_transformers_rejects_several_feature_layers():
 def test_from_transformers_rejects_default_strategy_without_cls():
     with pytest.raises(ValueError, match=r"vision_feature_select_strategy: 'default' drops the first token"):
         zoo.convert.from_transformers(tiny_llava("default", vision="siglip"))
+
+
+def test_zoo_load_reads_a_llava_hf_checkpoint_dir(tmp_path):
+    """A directory written by transformers' own save_pretrained (llava-hf layout) loads through zoo.load."""
+    from zoo.tokenizer import train_word_tokenizer
+
+    llava = tiny_llava(image_token_index=4)
+    llava.save_pretrained(tmp_path / "llava-hf")
+    train_word_tokenizer(["what colour is the circle", "red"]).save_pretrained(tmp_path / "llava-hf")
+    model = zoo.load(tmp_path / "llava-hf")
+    rows = [[r if r != IMG else 4 for r in row] for row in LAYOUTS["one_each"]]
+    ids, mask = _pad(rows)
+    expanded = [[t for tok in r for t in ([tok] * 4 if tok == 4 else [tok])] for r in rows]
+    hf_ids, hf_mask = _pad(expanded)
+    pixels = torch.randn(2, 3, 28, 28)
+    assert_parity(llava_logits(llava, hf_ids, hf_mask, pixels), zoo_logits(model, ids, mask, pixels), hf_mask)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(zoo.checkpoint.CheckpointError, match="neither a zoo checkpoint"):
+        zoo.load(tmp_path / "other")

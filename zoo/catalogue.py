@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -71,22 +72,50 @@ def resolve_hub_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
                       f"({type(e).__name__}: {e})") from e
 
 
-def load(source: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None):
-    """Load a trained model from a local checkpoint dir, a Hugging Face hub id (offline cache honoured;
-    `cache_dir` overrides the hub cache location) or a catalogue name whose entry names released ``weights``."""
+def load_dir(directory: str | Path, device: str | torch.device | None = None):
+    """Load a checkpoint directory: a zoo checkpoint, or a transformers ``LlavaForConditionalGeneration`` one
+    (llava-hf layout, converted exactly by :func:`zoo.convert.from_transformers`)."""
+    from zoo.checkpoint import CONFIG_NAME, CheckpointError
     from zoo.model import ZooModel
 
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    try:
+        meta = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: cannot read a checkpoint config ({e})") from e
+    if "zoo_format" in meta:
+        return ZooModel.from_pretrained(directory, device=device)
+    if meta.get("model_type") == "llava":
+        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+        from zoo.convert import from_transformers
+
+        llava = LlavaForConditionalGeneration.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = from_transformers(llava, tokenizer).eval()
+        return model.to(device) if device is not None else model
+    raise CheckpointError(f"{config_path}: neither a zoo checkpoint (no 'zoo_format') nor a llava-hf one "
+                          f"(model_type {meta.get('model_type')!r})")
+
+
+def load(source: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None):
+    """Load a trained model from a local checkpoint dir (zoo or llava-hf layout), a Hugging Face hub id (offline
+    cache honoured; `cache_dir` overrides the hub cache location) or a catalogue name whose entry names released
+    ``weights`` (the entry's name and prompt template then apply)."""
     path = Path(source)
     if path.is_dir():
-        return ZooModel.from_pretrained(path, device=device)
+        return load_dir(path, device=device)
     _scan()
     if str(source) in CATALOGUE:
         config = get_config(str(source))
         if not config.weights:
             raise ConfigError(f"{source}: the catalogue entry names no released weights; "
                               f"use zoo.build({str(source)!r}) for a fresh model")
-        return load(config.weights, device=device, cache_dir=cache_dir)
+        model = load(config.weights, device=device, cache_dir=cache_dir)
+        model.config.name, model.config.prompt = config.name, config.prompt
+        return model
     if _HUB_ID.match(str(source)):
-        return ZooModel.from_pretrained(resolve_hub_dir(str(source), cache_dir), device=device)
+        return load_dir(resolve_hub_dir(str(source), cache_dir), device=device)
     raise UnknownPartError(f"{source!r} is not a directory, a hub id (org/name) or a catalogue name. "
                            f"Catalogue: {', '.join(CATALOGUE.names())}")
