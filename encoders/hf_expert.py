@@ -51,7 +51,11 @@ class HFVisionTower(VisionExpert):
         if config.image_size is not None:
             vcfg.image_size = config.image_size
         if config.pretrained:
-            self.model = AutoModel.from_pretrained(config.name, config=vcfg)
+            try:
+                self.model = AutoModel.from_pretrained(config.name, config=vcfg)
+            except OSError as e:
+                raise OSError(f"vision.name: cannot load the weights of {config.name!r} from a local dir or the "
+                              f"offline cache: {e}") from e
         else:
             self.model = AutoModel.from_config(vcfg)
         self.hf_config = vcfg

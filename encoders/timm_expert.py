@@ -17,7 +17,7 @@ class TimmExpert(VisionExpert):
     ``hidden_states`` (-2 = penultimate block); prefix tokens (CLS, registers) are dropped unless
     ``drop_prefix`` is false, in which case they come first. CNNs (ConvNeXt, ResNet, ...): ``feature_layer``
     indexes the feature stages (``model.feature_info``; -1 = last), and the map ``[B, C, h, w]`` is flattened
-    row-major to ``[B, h*w, C]``.
+    row-major to ``[B, h*w, C]``. What comes after the chosen layer (later blocks, final norm, head) is pruned.
     """
 
     def __init__(self, config: VisionConfig):
@@ -58,6 +58,9 @@ class TimmExpert(VisionExpert):
             side = -(-self.image_size // int(info["reduction"]))  # ceil: strided convs pad
             self.grid = (side, side)
             self.num_prefix_tokens = 0
+        # Blocks/stages after the feature layer and the head never run: drop them, so that no parameter sits in
+        # the optimizer (or under DDP) without a gradient and parameter counts are honest.
+        self.model.prune_intermediate_layers([self.index], prune_norm=True, prune_head=True)
 
     def forward_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.is_vit:

@@ -12,9 +12,8 @@ import zoo  # noqa: E402
 
 
 def tiny_config(**overrides) -> zoo.ModelConfig:
-    """The demo model's config with 16 image tokens (patch 16 at 64 px) and optional top-level overrides."""
+    """The demo model's config (16 image tokens) with optional top-level overrides."""
     config = zoo.get_config("tiny-llava")
-    config.vision.kwargs["patch_size"] = 16
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -29,7 +28,7 @@ def easy_vqa():
 
 @pytest.fixture(scope="session")
 def trained_model(easy_vqa):
-    """tiny-llava (16 image tokens) after a short real training run on easy-vqa (about 10 s on 2 cores)."""
+    """tiny-llava after a short real training run on easy-vqa (about 10 s on 2 cores)."""
     from zoo.train import TrainConfig, VQATrainingSet, fit
 
     torch.manual_seed(0)

@@ -27,16 +27,18 @@ def test_timm_expert_matches_manual_block_loop():
     torch.manual_seed(0)
     cfg = VisionConfig(kind="timm", name="vit_large_patch14_clip_336.openai",
                        kwargs={"patch_size": 14, "embed_dim": 64, "depth": 3, "num_heads": 2}, image_size=56)
+    last = build_encoder(VisionConfig(**{**cfg.__dict__, "feature_layer": -1})).eval()
     expert = build_encoder(cfg).eval()
-    vit = expert.model
+    assert len(expert.model.blocks) == 2  # the unused last block is pruned
+    missing, unexpected = expert.load_state_dict(last.state_dict(), strict=False)
+    assert missing == [] and all(k.startswith("model.blocks.2.") for k in unexpected)
+    vit = last.model
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
         for block in vit.blocks[:2]:  # feature_layer -2 of 3 blocks = output of block index 1
             h = block(h)
         tokens = expert(x)
-        last = build_encoder(VisionConfig(**{**cfg.__dict__, "feature_layer": -1})).eval()
-        last.load_state_dict(expert.state_dict())
         last_tokens = last(x)
     assert expert.num_prefix_tokens == 1 and expert.grid == (4, 4)
     assert tokens.shape == (2, 16, 64)  # CLS dropped: 16, not 17
@@ -52,7 +54,8 @@ def test_timm_expert_keeps_prefix_when_asked():
                                         image_size=70, drop_prefix=False)).eval()
     assert expert.num_prefix_tokens == 5 and expert.num_tokens == 25 + 5
     ref = timm.create_model("vit_large_patch14_reg4_dinov2", img_size=70, num_classes=0, **kwargs).eval()
-    ref.load_state_dict(expert.model.state_dict())
+    missing, unexpected = expert.model.load_state_dict(ref.state_dict(), strict=False)
+    assert missing == [] and unexpected and all(k.startswith(("blocks.1.", "norm.")) for k in unexpected)
     x = torch.randn(1, 3, 70, 70)
     with torch.no_grad():
         full = ref.forward_features(x)  # last block + final norm; compare the unnormalised block output instead
@@ -276,3 +279,87 @@ def test_generation_with_cache_matches_full_forward(trained_model, easy_vqa):
             ids, mask = model.collate_prompts([seq])
             seq.append(int(model(ids, pixels, mask).logits[0, -1].argmax()))
     assert seq[len(prompt):] == cached[: len(seq) - len(prompt)]
+
+
+def test_preprocess_accepts_any_pil_mode_and_normalises(model):
+    from PIL import Image
+
+    red = Image.new("RGB", (64, 64), (255, 0, 0))
+    modes = [red, red.convert("CMYK"), red.convert("P"), red.convert("RGBA")]
+    pixels = model.vision.preprocess(modes)
+    assert pixels.shape == (4, 3, 64, 64)
+    for row in pixels[1:]:
+        torch.testing.assert_close(row, pixels[0], atol=0.05, rtol=0)
+    mean, std = torch.tensor(model.vision.mean), torch.tensor(model.vision.std)
+    torch.testing.assert_close(pixels[0, :, 0, 0], (torch.tensor([1.0, 0.0, 0.0]) - mean) / std)
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent -> composited on white
+    torch.testing.assert_close(model.vision.preprocess([clear])[0, :, 0, 0], (1 - mean) / std)
+    gray = model.vision.preprocess([Image.new("L", (32, 32), 128)])
+    assert gray.shape == (1, 3, 64, 64) and torch.allclose(gray[0, 0], gray[0, 0, 0, 0])
+    with pytest.raises(TypeError, match="image 1: expected a PIL.Image, got str"):
+        model.vision.preprocess([red, "not an image"])
+
+
+def test_parts_load_from_local_dirs_like_hub_ids(tmp_path):
+    """`pretrained: true` with a directory (what a hub id resolves to in the cache) loads the real weights."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from zoo.tokenizer import train_word_tokenizer
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=28, patch_size=14))
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer = train_word_tokenizer(["what shape is it", "circle"])
+    tokenizer.save_pretrained(tmp_path / "llama")
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=len(tokenizer)))
+    llama.save_pretrained(tmp_path / "llama")
+    config = zoo.ModelConfig.from_dict({
+        "vision": {"kind": "hf", "name": str(tmp_path / "clip"), "pretrained": True, "feature_layer": -1},
+        "lm": {"kind": "hf", "name": str(tmp_path / "llama"), "pretrained": True},
+        "tokenizer": {"name": str(tmp_path / "llama")},
+    })
+    model = zoo.build(config)
+    for name, value in clip.state_dict().items():
+        assert torch.equal(model.vision.model.state_dict()[name], value), name
+    for name, value in llama.state_dict().items():
+        assert torch.equal(model.lm.state_dict()[name], value), name
+    assert model.tokenizer.get_vocab() == tokenizer.get_vocab()
+    model.save_pretrained(tmp_path / "zoo")  # the saved config rebuilds both parts without their directories
+    (tmp_path / "clip" / "model.safetensors").unlink()
+    (tmp_path / "llama" / "model.safetensors").unlink()
+    reloaded = zoo.load(tmp_path / "zoo")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    with pytest.raises(OSError, match="vision.name: cannot load the weights of"):
+        zoo.build(config)  # the tower's weights were deleted above
+    from zoo.config import LMConfig
+    from zoo.lm import build_lm
+
+    with pytest.raises(OSError, match="lm.name: cannot load"):
+        build_lm(LMConfig(name=str(tmp_path / "nowhere"), pretrained=True))
+
+
+def test_image_index_encodes_shared_images_once_with_same_result(model, easy_vqa):
+    from zoo.train import ImageGroupedBatchSampler, VQATrainingSet
+
+    split = easy_vqa["train"]
+    split = type(split)(split.images, split.samples[:40])
+    ds = VQATrainingSet(model, split)
+    sampler = ImageGroupedBatchSampler([ds.image_of(i) for i in range(len(ds))], 2, 3, seed=0)
+    batches = list(sampler)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) and len(batches) == len(sampler)  # no item twice in an epoch
+    for b in batches:
+        assert len({ds.image_of(i) for i in b}) <= 2 and len(b) <= 6
+    batch = ds.collate([ds[i] for i in batches[0]])
+    assert len(batch["pixel_values"]) == len(set(ds.image_of(i) for i in batches[0])) < len(batches[0])
+    with torch.no_grad():
+        shared = model(**batch)
+        index = batch.pop("image_index")
+        batch["pixel_values"] = batch["pixel_values"][index]
+        repeated = model(**batch)
+    torch.testing.assert_close(shared.logits, repeated.logits)
+    torch.testing.assert_close(shared.loss, repeated.loss)
+    with pytest.raises(ValueError, match="image_index: expected"):
+        model(**{**batch, "image_index": torch.tensor([0, 99])})

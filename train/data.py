@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from zoo.model import IGNORE_INDEX, ZooModel
 
@@ -108,6 +108,49 @@ class VQATrainingSet(Dataset):
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
             labels[row, n_prompt:len(ids)] = input_ids[row, n_prompt:len(ids)]
-        images = torch.tensor([image for image, _, _ in batch])
+        # Each distinct image of the batch is encoded once; image_index maps the samples to them.
+        images, image_index = torch.tensor([image for image, _, _ in batch]).unique(return_inverse=True)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-                "pixel_values": self.pixels[images]}
+                "pixel_values": self.pixels[images], "image_index": image_index}
+
+    def image_of(self, index: int) -> int:
+        """The image (index into the split's images) that item `index` asks about."""
+        return self.items[index][0]
+
+
+class ImageGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of ``images_per_batch`` images x up to ``questions_per_image`` questions about each.
+
+    With several questions per image in a batch, the vision expert runs once per image for all of them (the
+    collate step passes ``image_index``), which is where most of a small model's step time goes. Every item is
+    seen once per epoch; the order is reshuffled each epoch from ``seed`` + epoch.
+    """
+
+    def __init__(self, image_of: Sequence[int], images_per_batch: int, questions_per_image: int, seed: int = 0):
+        if images_per_batch < 1 or questions_per_image < 1:
+            raise ValueError(f"images_per_batch and questions_per_image must be >= 1, got {images_per_batch} "
+                             f"and {questions_per_image}")
+        self.by_image: dict[int, list[int]] = {}
+        for item, image in enumerate(image_of):
+            self.by_image.setdefault(image, []).append(item)
+        self.images_per_batch, self.questions_per_image, self.seed = images_per_batch, questions_per_image, seed
+        self.epoch = 0
+
+    def _chunks(self, generator: torch.Generator) -> list[list[int]]:
+        chunks = []
+        for items in self.by_image.values():
+            order = torch.randperm(len(items), generator=generator).tolist()
+            shuffled = [items[i] for i in order]
+            chunks += [shuffled[i:i + self.questions_per_image] for i in range(0, len(shuffled), self.questions_per_image)]
+        return [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        chunks = self._chunks(generator)
+        for start in range(0, len(chunks) - self.images_per_batch + 1, self.images_per_batch):
+            yield [item for chunk in chunks[start:start + self.images_per_batch] for item in chunk]
+
+    def __len__(self) -> int:
+        n_chunks = sum(-(-len(v) // self.questions_per_image) for v in self.by_image.values())
+        return n_chunks // self.images_per_batch

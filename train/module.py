@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from zoo.model import ZooModel
 
+from .data import ImageGroupedBatchSampler
+
 
 @dataclass
 class TrainConfig:
@@ -19,6 +21,7 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 64
+    questions_per_image: int = 1  # > 1: batches group questions by image (batch_size / this images per batch)
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -71,9 +74,18 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
         progress: bool = True) -> ZooLightningModule:
     """Train `model` in place on `dataset` (which provides ``collate``) for ``config.steps`` optimizer steps."""
     L.seed_everything(config.seed, workers=True, verbose=False)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                        collate_fn=dataset.collate, num_workers=config.num_workers,
-                        persistent_workers=config.num_workers > 0)
+    workers = {"num_workers": config.num_workers, "persistent_workers": config.num_workers > 0,
+               "collate_fn": dataset.collate}
+    if config.questions_per_image > 1:
+        if config.batch_size % config.questions_per_image:
+            raise ValueError(f"batch_size: {config.batch_size} is not a multiple of questions_per_image "
+                             f"{config.questions_per_image}")
+        sampler = ImageGroupedBatchSampler([dataset.image_of(i) for i in range(len(dataset))],
+                                           config.batch_size // config.questions_per_image,
+                                           config.questions_per_image, seed=config.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, **workers)
+    else:
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, **workers)
     module = ZooLightningModule(model, config)
     logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="") if run_dir else False
     trainer = L.Trainer(max_steps=config.steps, accelerator="auto", devices=1, logger=logger,

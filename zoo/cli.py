@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 
@@ -39,8 +40,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from zoo.train.demo import DEMO_TRAINING, run_demo
 
-    training = DEMO_TRAINING if args.steps is None else DEMO_TRAINING.__class__(
-        **{**DEMO_TRAINING.__dict__, "steps": args.steps})
+    training = DEMO_TRAINING if args.steps is None else dataclasses.replace(DEMO_TRAINING, steps=args.steps)
     run_demo(args.model, out_dir=args.out, training=training, eval_limit=args.limit)
     return 0
 

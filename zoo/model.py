@@ -55,6 +55,7 @@ class ZooModel(nn.Module):
 
     def __init__(self, config: ModelConfig, tokenizer=None):
         super().__init__()
+        config = copy.deepcopy(config)  # the model owns its config (image_token_id is filled in below)
         self.config = config
         self.tokenizer = tokenizer
         self.vision = build_encoder(config.vision)
@@ -144,13 +145,23 @@ class ZooModel(nn.Module):
         return Spliced(embeds, mask, position_ids, image_mask, new_labels)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> ZooOutput:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None) -> ZooOutput:
         """Logits ``[B, T', V]`` over the spliced sequence; with ``labels``, the loss on unmasked labels.
 
+        ``image_index`` ``[N_placeholders]`` (optional) maps each placeholder, in batch order, to a row of
+        ``pixel_values``: an image shared by several samples is then encoded once.
         A sample whose labels are all -100 raises: it would train on nothing (data pipelines skip such samples).
         """
         image_out = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
-        sp = self.splice(input_ids, image_out.tokens if image_out is not None else None, attention_mask, labels)
+        image_tokens = image_out.tokens if image_out is not None else None
+        if image_index is not None:
+            if image_tokens is None or image_index.ndim != 1 or (
+                    len(image_index) and not 0 <= int(image_index.min()) <= int(image_index.max()) < len(image_tokens)):
+                raise ValueError(f"image_index: expected [N_placeholders] indices into the {0 if image_tokens is None else len(image_tokens)} "
+                                 f"given images, got {image_index.tolist()}")
+            image_tokens = image_tokens[image_index]
+        sp = self.splice(input_ids, image_tokens, attention_mask, labels)
         if sp.labels is not None:
             # The LM predicts token t+1 from t: a label at position 0 is never a target.
             empty = (sp.labels[:, 1:] == IGNORE_INDEX).all(1)

@@ -1,0 +1,35 @@
+"""The command line and the demo pipeline, end to end on the real easy-vqa data (short schedule)."""
+
+import json
+
+import zoo
+from zoo.cli import main
+
+
+def test_cli_list_prints_catalogue(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in zoo.list_models():
+        assert name in out
+
+
+def test_cli_build_saves_a_loadable_model(tmp_path, capsys):
+    assert main(["build", "llava-1.5-7b-tiny", "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "llava-1.5-7b-tiny" in out and "tokens per image" in out
+    model = zoo.load(tmp_path / "m")
+    assert model.num_image_tokens == 16  # 56 px / 14 px patches, CLS dropped
+
+
+def test_demo_trains_evaluates_saves_and_reloads(tmp_path, capsys):
+    assert main(["demo", "--steps", "40", "--limit", "300", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["questions"]["overall"] == 300
+    acc = results["accuracy"]
+    assert set(acc) == {"overall", "colour", "shape", "yes/no", "majority baseline"}
+    assert 0.0 <= acc["overall"] <= 1.0
+    assert "identical before and after reload" in out and "| overall | 300 |" in out
+    assert set(results["seconds"]) >= {"train", "evaluate", "save + reload"}
+    reloaded = zoo.load(tmp_path / "demo" / "model")
+    assert reloaded.config.name == "tiny-llava"
