@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +27,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per part: {"vision": 4.0} trains it at 4 x lr
     seed: int = 0
     num_workers: int = 0
     log_every: int = 25
@@ -53,11 +54,19 @@ class ZooLightningModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.config
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        unknown = set(cfg.lr_scale) - {name for name, _ in self.model.named_children()}
+        if unknown:
+            raise ValueError(f"lr_scale: unknown part(s) {sorted(unknown)}; parts: "
+                             f"{[name for name, _ in self.model.named_children()]}")
+        groups = []
+        for part, module in self.model.named_children():
+            lr = cfg.lr * cfg.lr_scale.get(part, 1.0)
+            params = [p for p in module.parameters() if p.requires_grad]  # frozen parts hold no optimizer state
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr, "name": f"{part}/decay"},
+                       {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": f"{part}/no_decay"}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
         warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
 
         def schedule(step: int) -> float:

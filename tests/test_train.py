@@ -1,0 +1,43 @@
+"""The Lightning module's optimizer: per-part learning rates, frozen parts hold no optimizer state."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from zoo.train import TrainConfig, ZooLightningModule
+
+import zoo
+
+
+def test_optimizer_groups_scale_lr_per_part_and_skip_frozen_parts():
+    config = tiny_config()
+    config.vision.frozen = True
+    model = zoo.build(config)
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    module = ZooLightningModule(model, TrainConfig(lr=1e-3, lr_scale={"connector": 10.0}))
+    optimizer = module.configure_optimizers()["optimizer"]
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in model.vision.parameters())
+    assert all(id(p) in in_optimizer for p in model.connector.parameters())
+    assert all(id(p) in in_optimizer for p in model.lm.parameters())
+    lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}  # peak lr, before warm-up scaling
+    assert lrs["connector/decay"] == pytest.approx(1e-2) and lrs["lm/decay"] == pytest.approx(1e-3)
+    assert not model.vision.training  # a frozen expert stays in eval mode
+    model.train()
+    assert not model.vision.training and model.lm.training
+    with pytest.raises(ValueError, match=r"lr_scale: unknown part\(s\) \['vison'\]"):
+        ZooLightningModule(model, TrainConfig(lr_scale={"vison": 2.0})).configure_optimizers()
+
+
+def test_frozen_vision_is_bit_identical_after_a_step(easy_vqa):
+    from zoo.train import VQATrainingSet, fit
+
+    config = tiny_config()
+    config.vision.frozen = True
+    torch.manual_seed(0)
+    model = zoo.build(config)
+    split = type(easy_vqa["train"])(easy_vqa["train"].images, easy_vqa["train"].samples[:64])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, VQATrainingSet(model, split), TrainConfig(steps=2, batch_size=32, lr=1e-2), progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("vision."))
+    assert not torch.equal(before["connector.layers.0.weight"], after["connector.layers.0.weight"])
