@@ -41,3 +41,19 @@ def test_frozen_vision_is_bit_identical_after_a_step(easy_vqa):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("vision."))
     assert not torch.equal(before["connector.layers.0.weight"], after["connector.layers.0.weight"])
+
+
+def test_dihedral_augmentation_gives_one_of_the_eight_symmetries():
+    from zoo.train.data import dihedral
+
+    torch.manual_seed(0)
+    images = torch.randn(32, 3, 8, 8)
+    out = dihedral(images)
+    seen = set()
+    for src, got in zip(images, out):
+        variants = [torch.rot90(src, k, dims=(1, 2)) for k in range(4)]
+        variants += [v.flip(2) for v in variants]
+        matches = [i for i, v in enumerate(variants) if torch.equal(v, got)]
+        assert matches, "output is not a flip/rotation of its input"
+        seen.add(matches[0])
+    assert len(seen) >= 6  # the symmetry is drawn at random

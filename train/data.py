@@ -72,12 +72,16 @@ class SkipCounter:
 class VQATrainingSet(Dataset):
     """Encodes each sample as prompt + answer token ids with labels on the answer (+ EOS) only.
 
-    The images of the split are preprocessed once by the model's vision expert. A sample that would be longer
+    The images of the split are preprocessed once by the model's vision expert; ``augment="dihedral"`` applies a
+    random flip/rotation to each image of each batch. A sample that would be longer
     than ``model.config.max_length`` after image expansion is truncated; if no answer token survives it is
     skipped and counted in ``skipped`` (with its id), never trained on with an all-masked label row.
     """
 
-    def __init__(self, model: ZooModel, split: VQASplit):
+    def __init__(self, model: ZooModel, split: VQASplit, augment: str | None = None):
+        if augment not in (None, "dihedral"):
+            raise ValueError(f"augment: expected None or 'dihedral', got {augment!r}")
+        self.augment = augment
         self.pixels = model.vision.preprocess(split.images)
         self.skipped = SkipCounter()
         budget = model.config.max_length - (model.num_image_tokens - 1)
@@ -110,12 +114,27 @@ class VQATrainingSet(Dataset):
             labels[row, n_prompt:len(ids)] = input_ids[row, n_prompt:len(ids)]
         # Each distinct image of the batch is encoded once; image_index maps the samples to them.
         images, image_index = torch.tensor([image for image, _, _ in batch]).unique(return_inverse=True)
+        pixels = self.pixels[images]
+        if self.augment == "dihedral":
+            pixels = dihedral(pixels)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-                "pixel_values": self.pixels[images], "image_index": image_index}
+                "pixel_values": pixels, "image_index": image_index}
 
     def image_of(self, index: int) -> int:
         """The image (index into the split's images) that item `index` asks about."""
         return self.items[index][0]
+
+
+def dihedral(pixels: torch.Tensor) -> torch.Tensor:
+    """Each image ``[N, 3, S, S]`` under a random one of the 8 flips/rotations of the square (for data whose
+    answers do not depend on orientation, such as easy-vqa's colours and shapes)."""
+    out = torch.empty_like(pixels)
+    turns = torch.randint(0, 4, (len(pixels),)).tolist()
+    flips = torch.randint(0, 2, (len(pixels),)).tolist()
+    for i, (k, flip) in enumerate(zip(turns, flips)):
+        image = torch.rot90(pixels[i], k, dims=(1, 2))
+        out[i] = image.flip(2) if flip else image
+    return out
 
 
 class ImageGroupedBatchSampler(Sampler[list[int]]):

@@ -62,7 +62,7 @@ def run_demo(model_name: str | zoo.ModelConfig = "tiny-llava", out_dir: str | Pa
         model = zoo.build(model_name)
     with clock.phase("load easy-vqa"):
         train_split, test_split = load_easy_vqa("train"), load_easy_vqa("test")
-        dataset = VQATrainingSet(model, train_split)
+        dataset = VQATrainingSet(model, train_split, augment=training.augment)
     print(f"model {model.config.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{model.num_image_tokens} tokens per image; {len(dataset):,} training questions "
           f"({dataset.skipped.total} skipped)")

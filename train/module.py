@@ -28,6 +28,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     lr_scale: dict[str, float] = field(default_factory=dict)  # per part: {"vision": 4.0} trains it at 4 x lr
+    augment: str | None = None  # "dihedral": random flips/rotations of the images (orientation-free answers)
     seed: int = 0
     num_workers: int = 0
     log_every: int = 25
