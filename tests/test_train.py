@@ -57,3 +57,27 @@ def test_dihedral_augmentation_gives_one_of_the_eight_symmetries():
         assert matches, "output is not a flip/rotation of its input"
         seen.add(matches[0])
     assert len(seen) >= 6  # the symmetry is drawn at random
+
+
+def test_multi_turn_packing_supervises_every_answer_of_the_image(easy_vqa):
+    from zoo.train import VQATrainingSet
+
+    model = zoo.build(tiny_config())
+    split = easy_vqa["train"]
+    split = type(split)(split.images, split.samples[:60])
+    ds = VQATrainingSet(model, split, turns_per_sample=4)
+    assert ds.num_questions == 60 and len(ds) == len({s.image for s in split.samples})
+    torch.manual_seed(0)
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    eos, image_token = model.tokenizer.eos_token_id, model.image_token_id
+    for row, group in enumerate(ds.groups):
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        assert ids.count(image_token) == 1
+        answers = model.tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100 and t != eos]).split()
+        expected = [split.samples[i].answer for i in group]
+        assert len(answers) == min(4, len(group)) == sum(t == eos and lab == eos for t, lab in zip(ids, labels))
+        assert all(a in expected for a in answers)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+    again = ds[0]
+    assert again[0] == ds.image_of(0)

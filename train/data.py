@@ -69,49 +69,90 @@ class SkipCounter:
         return sum(len(v) for v in self.by_reason.values())
 
 
+Item = tuple[int, list[int], list[tuple[int, int]]]  # (image, token ids, supervised [start, end) spans)
+
+
 class VQATrainingSet(Dataset):
-    """Encodes each sample as prompt + answer token ids with labels on the answer (+ EOS) only.
+    """Encodes VQA samples as token ids with labels on the answers (+ EOS) only.
+
+    ``turns_per_sample=1``: one item per question, ``prompt + answer``. ``turns_per_sample=K > 1``: one item per
+    image, holding up to K of its questions as a multi-turn conversation (the first turn in the prompt template,
+    later turns as ``question answer</s>`` after it), drawn in a fresh random order at every access: the way
+    LLaVA-1.5 packs the VQAv2 questions of an image, so the image is encoded once for all of them.
 
     The images of the split are preprocessed once by the model's vision expert; ``augment="dihedral"`` applies a
-    random flip/rotation to each image of each batch. A sample that would be longer
-    than ``model.config.max_length`` after image expansion is truncated; if no answer token survives it is
-    skipped and counted in ``skipped`` (with its id), never trained on with an all-masked label row.
+    random flip/rotation to each image of each batch. A sample that would be longer than
+    ``model.config.max_length`` after image expansion is truncated (whole later turns are dropped); if no answer
+    token survives it is skipped and counted in ``skipped`` (with its id), never trained on with an all-masked
+    label row.
     """
 
-    def __init__(self, model: ZooModel, split: VQASplit, augment: str | None = None):
+    def __init__(self, model: ZooModel, split: VQASplit, augment: str | None = None, turns_per_sample: int = 1):
         if augment not in (None, "dihedral"):
             raise ValueError(f"augment: expected None or 'dihedral', got {augment!r}")
-        self.augment = augment
+        if turns_per_sample < 1:
+            raise ValueError(f"turns_per_sample: expected >= 1, got {turns_per_sample}")
+        self.augment, self.turns = augment, turns_per_sample
         self.pixels = model.vision.preprocess(split.images)
         self.skipped = SkipCounter()
-        budget = model.config.max_length - (model.num_image_tokens - 1)
-        self.items: list[tuple[int, list[int], int]] = []  # (image, ids, number of prompt tokens)
+        self.budget = model.config.max_length - (model.num_image_tokens - 1)
+        self.pad_id = model.tokenizer.pad_token_id
+        tokenizer = model.tokenizer
+        # Per sample: (image, first-turn prompt ids, follow-up question ids, answer ids + EOS)
+        self.encoded: list[tuple[int, list[int], list[int], list[int]]] = []
         for sample in split.samples:
             prompt = model.encode_prompt(sample.question)
-            ids = (prompt + model.encode_answer(sample.answer))[:budget]
-            if len(ids) <= len(prompt):
+            answer = model.encode_answer(sample.answer)
+            if len(prompt) >= self.budget:
                 self.skipped.skip(f"no answer token left after truncation to max_length "
                                   f"{model.config.max_length}", sample.id)
                 continue
-            self.items.append((sample.image, ids, len(prompt)))
-        self.pad_id = model.tokenizer.pad_token_id
+            follow_up = tokenizer(sample.question, add_special_tokens=False).input_ids if self.turns > 1 else []
+            self.encoded.append((sample.image, prompt, follow_up, answer))
+        if self.turns == 1:
+            self.groups = [[i] for i in range(len(self.encoded))]
+        else:
+            by_image: dict[int, list[int]] = {}
+            for i, (image, *_rest) in enumerate(self.encoded):
+                by_image.setdefault(image, []).append(i)
+            self.groups = list(by_image.values())
+
+    @property
+    def num_questions(self) -> int:
+        """Questions kept (after skips)."""
+        return len(self.encoded)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.groups)
 
-    def __getitem__(self, index: int) -> tuple[int, list[int], int]:
-        return self.items[index]
+    def __getitem__(self, index: int) -> Item:
+        group = self.groups[index]
+        if len(group) > 1:
+            group = [group[i] for i in torch.randperm(len(group)).tolist()[: self.turns]]
+        ids: list[int] = []
+        spans = []
+        for turn, sample in enumerate(group):
+            image, prompt, follow_up, answer = self.encoded[sample]
+            question = prompt if turn == 0 else follow_up
+            if turn and len(ids) + len(question) + len(answer) > self.budget:
+                break  # whole later turns are dropped; they come back in other draws
+            ids += question
+            spans.append((len(ids), min(len(ids) + len(answer), self.budget)))
+            ids = (ids + answer)[: self.budget]
+        return self.encoded[group[0]][0], ids, spans
 
-    def collate(self, batch: Sequence[tuple[int, list[int], int]]) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` and ``pixel_values``."""
+    def collate(self, batch: Sequence[Item]) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``/``attention_mask``/``labels`` ``[B, T]``, the batch's distinct images as
+        ``pixel_values`` and ``image_index`` mapping each sample to its image."""
         width = max(len(ids) for _, ids, _ in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (_, ids, n_prompt) in enumerate(batch):
+        for row, (_, ids, spans) in enumerate(batch):
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
-            labels[row, n_prompt:len(ids)] = input_ids[row, n_prompt:len(ids)]
+            for start, end in spans:
+                labels[row, start:end] = input_ids[row, start:end]
         # Each distinct image of the batch is encoded once; image_index maps the samples to them.
         images, image_index = torch.tensor([image for image, _, _ in batch]).unique(return_inverse=True)
         pixels = self.pixels[images]
@@ -122,7 +163,7 @@ class VQATrainingSet(Dataset):
 
     def image_of(self, index: int) -> int:
         """The image (index into the split's images) that item `index` asks about."""
-        return self.items[index][0]
+        return self.encoded[self.groups[index][0]][0]
 
 
 def dihedral(pixels: torch.Tensor) -> torch.Tensor:

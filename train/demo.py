@@ -62,10 +62,11 @@ def run_demo(model_name: str | zoo.ModelConfig = "tiny-llava", out_dir: str | Pa
         model = zoo.build(model_name)
     with clock.phase("load easy-vqa"):
         train_split, test_split = load_easy_vqa("train"), load_easy_vqa("test")
-        dataset = VQATrainingSet(model, train_split, augment=training.augment)
+        dataset = VQATrainingSet(model, train_split, augment=training.augment,
+                                 turns_per_sample=training.turns_per_sample)
     print(f"model {model.config.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{model.num_image_tokens} tokens per image; {len(dataset):,} training questions "
-          f"({dataset.skipped.total} skipped)")
+          f"{model.num_image_tokens} tokens per image; {dataset.num_questions:,} training questions "
+          f"({dataset.skipped.total} skipped) in {len(dataset):,} samples")
     with clock.phase("train"):
         fit(model, dataset, training, run_dir=out_dir / "logs", progress=progress)
     model.eval()

@@ -29,6 +29,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     lr_scale: dict[str, float] = field(default_factory=dict)  # per part: {"vision": 4.0} trains it at 4 x lr
     augment: str | None = None  # "dihedral": random flips/rotations of the images (orientation-free answers)
+    turns_per_sample: int = 1  # > 1: pack up to this many questions about one image into one conversation
     seed: int = 0
     num_workers: int = 0
     log_every: int = 25
