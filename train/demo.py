@@ -15,7 +15,10 @@ import zoo
 from .data import VQATrainingSet, load_easy_vqa
 from .module import TrainConfig, fit
 
-DEMO_TRAINING = TrainConfig(steps=3000, batch_size=64, lr=2e-3, weight_decay=0.01, warmup_ratio=0.03)
+# The schedule the easy-vqa sweep settled on (see the README): above 5e-4 the tiny LM from scratch tends to stay
+# in the language-prior minimum (colour accuracy near chance); 64 distinct images per batch learned shapes faster
+# than image-grouped batches of the same size.
+DEMO_TRAINING = TrainConfig(steps=3000, batch_size=64, lr=5e-4, weight_decay=0.01, warmup_ratio=0.03)
 
 
 class Clock:
