@@ -156,11 +156,13 @@ class ZooModel(nn.Module):
         image_out = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
         image_tokens = image_out.tokens if image_out is not None else None
         if image_index is not None:
-            if image_tokens is None or image_index.ndim != 1 or (
-                    len(image_index) and not 0 <= int(image_index.min()) <= int(image_index.max()) < len(image_tokens)):
-                raise ValueError(f"image_index: expected [N_placeholders] indices into the {0 if image_tokens is None else len(image_tokens)} "
-                                 f"given images, got {image_index.tolist()}")
-            image_tokens = image_tokens[image_index]
+            n_images = 0 if image_tokens is None else len(image_tokens)
+            in_range = image_index.ndim == 1 and bool(((image_index >= 0) & (image_index < n_images)).all())
+            if not in_range:
+                raise ValueError(f"image_index: expected [N_placeholders] indices into the {n_images} given "
+                                 f"images, got {image_index.tolist()}")
+            if image_tokens is not None:
+                image_tokens = image_tokens[image_index]
         sp = self.splice(input_ids, image_tokens, attention_mask, labels)
         if sp.labels is not None:
             # The LM predicts token t+1 from t: a label at position 0 is never a target.
