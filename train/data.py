@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from zoo.model import IGNORE_INDEX, ZooModel
+from zoo.model import IGNORE_INDEX, ZooModel, pad_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,9 @@ class VQATrainingSet(Dataset):
     def collate(self, batch: Sequence[Item]) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids``/``attention_mask``/``labels`` ``[B, T]``, the batch's distinct images as
         ``pixel_values`` and ``image_index`` mapping each sample to its image."""
-        width = max(len(ids) for _, ids, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (_, ids, spans) in enumerate(batch):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            mask[row, :len(ids)] = 1
+        input_ids, mask = pad_token_ids([ids for _, ids, _ in batch], self.pad_id, "right")
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, (_, _, spans) in enumerate(batch):
             for start, end in spans:
                 labels[row, start:end] = input_ids[row, start:end]
         # Each distinct image of the batch is encoded once; image_index maps the samples to them.

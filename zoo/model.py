@@ -21,6 +21,20 @@ from zoo.tokenizer import build_tokenizer
 IGNORE_INDEX = -100
 
 
+def pad_token_ids(sequences: Sequence[list[int]], pad_id: int, padding_side: str = "right"):
+    """Pad token-id lists to ``input_ids`` and ``attention_mask`` ``[B, T]`` (``padding_side``: left | right)."""
+    if not sequences:
+        raise ValueError("pad_token_ids: no sequences to pad")
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+        ids[i, span] = torch.tensor(seq, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 @dataclass
 class Spliced:
     """The LM's inputs after the image blocks replace their placeholders (all ``[B, T']``, embeds ``[B, T', d]``)."""
@@ -216,16 +230,8 @@ class ZooModel(nn.Module):
         return torch.stack(steps, 1)
 
     def collate_prompts(self, prompts: Sequence[list[int]], padding_side: str = "left"):
-        """Pad token-id lists to ``input_ids`` and ``attention_mask`` ``[B, T]``."""
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            span = slice(width - len(p), width) if padding_side == "left" else slice(0, len(p))
-            ids[i, span] = torch.tensor(p, dtype=torch.long)
-            mask[i, span] = 1
-        return ids, mask
+        """Pad token-id lists to ``input_ids`` and ``attention_mask`` ``[B, T]`` with the tokenizer's pad id."""
+        return pad_token_ids(prompts, self.tokenizer.pad_token_id, padding_side)
 
     @torch.no_grad()
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8,
