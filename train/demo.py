@@ -15,9 +15,9 @@ import zoo
 from .data import VQATrainingSet, load_easy_vqa
 from .module import TrainConfig, fit
 
-# The schedule the easy-vqa sweep settled on (see the README; 6,000 steps train in about 11-12 min on 2 cores): above 5e-4 the tiny LM from scratch tends to stay
-# in the language-prior minimum (colour accuracy near chance); 64 distinct images per batch learned shapes faster
-# than image-grouped batches of the same size.
+# The schedule the easy-vqa sweep settled on (see the README); 6,000 steps train in about 11-12 minutes on 2 cores.
+# Above lr 5e-4 the tiny LM trained from scratch tends to stay in the language-prior minimum (colour accuracy
+# near chance); 64 distinct images per batch learned shapes faster than image-grouped batches of the same size.
 DEMO_TRAINING = TrainConfig(steps=6000, batch_size=64, lr=5e-4, weight_decay=0.01, warmup_ratio=0.03)
 
 
