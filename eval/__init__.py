@@ -1,5 +1,5 @@
 """Evaluation (``zoo.eval``): answer normalisation and accuracy."""
 
-from .vqa import accuracy_table, answer_type, exact_match, normalize_answer
+from .vqa import accuracy_table, answer_type, count_by_type, exact_match, normalize_answer
 
-__all__ = ["accuracy_table", "answer_type", "exact_match", "normalize_answer"]
+__all__ = ["accuracy_table", "answer_type", "count_by_type", "exact_match", "normalize_answer"]

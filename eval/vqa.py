@@ -43,6 +43,12 @@ def answer_type(answer: str) -> str:
     raise ValueError(f"answer {answer!r} is not an easy-vqa answer")
 
 
+def count_by_type(references: Sequence[str]) -> dict[str, int]:
+    """Number of reference answers of each easy-vqa answer type."""
+    counts = Counter(answer_type(r) for r in references)
+    return {name: counts[name] for name in EASY_VQA_TYPES}
+
+
 def accuracy_table(predictions: Sequence[str], references: Sequence[str],
                    train_answers: Sequence[str]) -> dict[str, float]:
     """Overall and per-answer-type accuracy, plus the majority-answer baseline (most frequent train answer)."""

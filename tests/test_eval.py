@@ -34,3 +34,9 @@ def test_accuracy_table_per_type_and_majority_baseline():
     assert answer_type("teal") == "colour"
     with pytest.raises(ValueError, match="'square' is not an easy-vqa answer"):
         answer_type("square")
+
+
+def test_count_by_type():
+    from zoo.eval import count_by_type
+
+    assert count_by_type(["yes", "red", "no", "circle"]) == {"colour": 1, "shape": 1, "yes/no": 2}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from zoo.eval import accuracy_table
+from zoo.eval import accuracy_table, count_by_type
 
 import zoo
 
@@ -27,19 +28,13 @@ class Clock:
     def __init__(self):
         self.phases: dict[str, float] = {}
 
+    @contextmanager
     def phase(self, name: str):
-        clock = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start = time.perf_counter()
-                print(f"== {name} ...", flush=True)
-
-            def __exit__(self, *exc):
-                clock.phases[name] = time.perf_counter() - self.start
-                print(f"== {name}: {clock.phases[name]:.1f} s", flush=True)
-
-        return _Phase()
+        print(f"== {name} ...", flush=True)
+        start = time.perf_counter()
+        yield
+        self.phases[name] = time.perf_counter() - start
+        print(f"== {name}: {self.phases[name]:.1f} s", flush=True)
 
 
 def format_table(rows: dict[str, float], counts: dict[str, int]) -> str:
@@ -50,8 +45,9 @@ def format_table(rows: dict[str, float], counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(model_name: str | zoo.ModelConfig = "tiny-llava", out_dir: str | Path = "runs/demo", training: TrainConfig = DEMO_TRAINING,
-             eval_limit: int | None = None, eval_batch_size: int = 256, progress: bool = True) -> dict:
+def run_demo(model_name: str | zoo.ModelConfig = "tiny-llava", out_dir: str | Path = "runs/demo",
+             training: TrainConfig = DEMO_TRAINING, eval_limit: int | None = None, eval_batch_size: int = 256,
+             progress: bool = True) -> dict:
     """Train `model_name` on the easy-vqa train split, evaluate on the test split (all 9,673 questions unless
     `eval_limit`), save to `out_dir`, reload with ``zoo.load`` and check that two answers are identical.
 
@@ -79,11 +75,7 @@ def run_demo(model_name: str | zoo.ModelConfig = "tiny-llava", out_dir: str | Pa
                                    max_new_tokens=4, batch_size=eval_batch_size, progress=progress)
     references = [s.answer for s in samples]
     table = accuracy_table(predictions, references, [s.answer for s in train_split.samples])
-    counts = {"overall": len(references), "majority baseline": len(references)}
-    from zoo.eval import answer_type
-
-    for ref in references:
-        counts[answer_type(ref)] = counts.get(answer_type(ref), 0) + 1
+    counts = {"overall": len(references), "majority baseline": len(references), **count_by_type(references)}
     with clock.phase("save + reload"):
         model.save_pretrained(out_dir / "model")
         reloaded = zoo.load(out_dir / "model")
@@ -97,7 +89,7 @@ def run_demo(model_name: str | zoo.ModelConfig = "tiny-llava", out_dir: str | Pa
     for s, a in zip(probe, after):
         print(f"reload check: {s.question!r} -> {a!r} (reference {s.answer!r}); identical before and after reload")
     print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.phases.items()))
-    results = {"model": getattr(model_name, "name", model_name), "accuracy": table, "questions": counts, "seconds": clock.phases,
+    results = {"model": model.config.name, "accuracy": table, "questions": counts, "seconds": clock.phases,
                "training": asdict(training), "checkpoint": str(out_dir / "model")}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
