@@ -106,9 +106,9 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
         raise ConfigError(f"{path or cls.__name__}: missing required key(s) {', '.join(missing)}")
     try:
         return cls(**kwargs)
+    except ConfigError as e:  # raised by a __post_init__ check, which names the field relative to `cls`
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from e
     except (ValueError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
         raise ConfigError(f"{path or cls.__name__}: {e}") from e
 
 
