@@ -34,8 +34,12 @@ def activation_name(act) -> str:
     probe = torch.linspace(-6.0, 6.0, 193)
     with torch.no_grad():
         target = act(probe)
-        for name in _ACTIVATION_ORDER:
-            if torch.allclose(ACT2FN[name](probe), target, rtol=0, atol=1e-6):
+        outputs = {name: ACT2FN[name](probe) for name in _ACTIVATION_ORDER}
+        for name, out in outputs.items():  # an exact match first (gelu_new and gelu_pytorch_tanh differ by ~1e-7)
+            if torch.equal(out, target):
+                return name
+        for name, out in outputs.items():
+            if torch.allclose(out, target, rtol=0, atol=1e-6):
                 return name
     raise ValueError(f"activation {act!r} matches none of the transformers activations {list(_ACTIVATION_ORDER)}")
 

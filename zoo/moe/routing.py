@@ -100,7 +100,8 @@ class SoftmaxTopKRouter(Router):
         probs = logits.softmax(dim=-1)
         if self.config.second_expert_sampling and self.training and self.top_k > 1:
             first = probs.argmax(dim=-1, keepdim=True)
-            gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)).clamp_min(1e-20))
+            uniform = torch.rand_like(logits).clamp(1e-20, 1.0 - 1e-7)
+            gumbel = -torch.log(-torch.log(uniform))
             noisy = (logits + gumbel).scatter(1, first, float("-inf"))
             rest = noisy.topk(self.top_k - 1, dim=-1).indices
             index = torch.cat([first, rest], dim=1)
