@@ -488,3 +488,14 @@ def test_to_transformers_names_what_the_block_cannot_express():
         to_transformers(layer_for(bigmac_rank=4), kind="mixtral")
     with pytest.raises(ValueError, match="^shared_gate: "):
         to_transformers(layer_for(num_shared=1), kind="qwen2_moe")
+
+
+def test_fused_weighted_swiglu_gradients():
+    from zoo.moe.kernels import SegmentMatmul, WeightedSwiGLU
+
+    h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(WeightedSwiGLU.apply, (h, w))
+    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: SegmentMatmul.apply(a, b, [4, 0, 5]), (x, weights))

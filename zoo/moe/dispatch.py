@@ -50,7 +50,7 @@ def grouped_dispatch(experts: StackedExperts, x: torch.Tensor, token: torch.Tens
     order = torch.argsort(expert, stable=True)
     expert_sorted, token_sorted = expert[order], token[order]
     counts = torch.bincount(expert_sorted, minlength=experts.num_experts)
-    out = experts.forward_sorted(x[token_sorted], expert_sorted, counts, weight[order])
+    out = experts.forward_sorted(x.index_select(0, token_sorted), expert_sorted, counts, weight[order])
     return _combine(x, token_sorted, out)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from zoo.moe.kernels import grouped_matmul
+from zoo.moe.kernels import WeightedSwiGLU, grouped_matmul
 
 # Probe order: the first transformers activation that reproduces a module's outputs names it.
 _ACTIVATION_ORDER = (
@@ -247,7 +247,10 @@ class StackedExperts(nn.Module):
         h = grouped_matmul(x, self.w_in, counts, counts_list)
         if self.b_in is not None:
             h = h + self.b_in[expert]
-        h = _activate(h, self.form, self.act_fn) * weight.to(h.dtype).unsqueeze(-1)
+        if self.form == "swiglu" and self.activation in ("silu", "swish"):
+            h = WeightedSwiGLU.apply(h, weight.to(h.dtype))
+        else:
+            h = _activate(h, self.form, self.act_fn) * weight.to(h.dtype).unsqueeze(-1)
         out = grouped_matmul(h, self.w_out, counts, counts_list)
         if self.b_out is not None:
             out = out + self.b_out[expert] * weight.to(out.dtype).unsqueeze(-1)

@@ -44,15 +44,17 @@ class SegmentMatmul(torch.autograd.Function):
         x, w = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        grad_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
         start = 0
         for e, n in enumerate(ctx.counts):
-            if n:
-                rows = slice(start, start + n)
-                if grad_x is not None:
-                    torch.mm(grad[rows], w[e].t(), out=grad_x[rows])
-                if grad_w is not None:
+            rows = slice(start, start + n)
+            if n and grad_x is not None:
+                torch.mm(grad[rows], w[e].t(), out=grad_x[rows])
+            if grad_w is not None:
+                if n:
                     torch.mm(x[rows].t(), grad[rows], out=grad_w[e])
+                else:
+                    grad_w[e].zero_()
             start += n
         return grad_x, grad_w, None
 
@@ -85,3 +87,36 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, count
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         return _native_fn()(x.contiguous(), w, offs=offsets)
     return SegmentMatmul.apply(x.contiguous(), w, counts_list)
+
+
+class WeightedSwiGLU(torch.autograd.Function):
+    """``silu(gate) * up * weight`` from ``h = [gate | up]`` [N, 2f] and per-row gates ``weight`` [N], in one
+    autograd node: it keeps only ``h`` and ``weight`` for the backward (autograd's chain would keep three [N, f]
+    intermediates) and writes the input gradient straight into one [N, 2f] tensor (no ``cat``)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        f = h.shape[1] // 2
+        gate, up = h[:, :f], h[:, f:]
+        out = torch.nn.functional.silu(gate)
+        out.mul_(up).mul_(weight.unsqueeze(1))
+        ctx.save_for_backward(h, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        f = h.shape[1] // 2
+        gate, up = h[:, :f], h[:, f:]
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_h = torch.empty_like(h)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * up).mul_(silu).sum(dim=1)
+        gw = grad * weight.unsqueeze(1)
+        torch.mul(gw, silu, out=grad_h[:, f:])
+        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
+        dsilu = torch.sub(1.0, sig).mul_(silu).add_(sig)
+        torch.mul(gw, up, out=grad_h[:, :f]).mul_(dsilu)
+        return grad_h, grad_w
