@@ -201,6 +201,23 @@ def test_backends_give_the_same_outputs_and_gradients(case):
         assert torch.equal(kept, ref_kept)
 
 
+@pytest.mark.parametrize("mode", ["native", "segments"])
+def test_grouped_kernels_agree_including_empty_experts(mode, monkeypatch):
+    from zoo.moe import kernels
+
+    results = {}
+    for backend, setting in (("loop", "auto"), ("grouped", mode)):
+        monkeypatch.setattr(kernels, "GROUPED_MM", setting)
+        layer = layer_for(seed=3, backend=backend, hidden_size=16, expert_size=32, num_experts=12, top_k=1)
+        x = torch.randn(6, 16, requires_grad=True)
+        out = layer(x)
+        out.output.square().sum().backward()
+        results[backend] = (out.output, x.grad, layer.experts.w_in.grad, layer.experts.w_out.grad, out.stats.kept)
+    assert (results["loop"][4] == 0).any()
+    for a, b in zip(results["grouped"][:4], results["loop"][:4]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_backends_agree_in_bfloat16():
     x = torch.randn(40, 12, dtype=torch.bfloat16)
     outs = {}
