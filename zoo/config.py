@@ -7,6 +7,7 @@ registries when the model is built, and the error lists the registered names.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -14,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -88,6 +89,9 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Build dataclass `cls` from a plain mapping, strictly (see the module docstring)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
+    expand = getattr(cls, "expand_mapping", None)  # e.g. presets: named defaults merged under the given keys
+    if expand is not None:
+        data = expand(data, path)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -178,6 +182,113 @@ class TokenizerConfig:
     image_token: str = "<image>"
 
 
+SPARSITY_PRESETS: dict[str, dict[str, Any]] = {
+    # MoE-LLaVA (arXiv 2401.15947): even layers, 4 upcycled experts, top-2 with capacity 1.5 train / 2.0 eval,
+    # Switch balance loss on first choices with coefficient 0.01.
+    "moe-llava": {
+        "layers": "every_other_even", "init": "upcycle",
+        "moe": {"num_experts": 4, "top_k": 2, "router": "softmax_topk", "renormalize": True, "capacity_factor": 1.5,
+                "eval_capacity_factor": 2.0, "balance_loss": "switch", "z_loss": False},
+        "coefficients": {"balance": 0.01},
+    },
+    # DeepSeekMoE (arXiv 2401.06066): all layers but the first, each FFN split into 4 fine-grained slices, 16 routed
+    # experts (raw softmax gates, top-6 here) plus 2 shared slices, expert-level balance.
+    "deepseek-moe": {
+        "layers": "all_but_first", "init": "fine_grained_split", "granularity": 4,
+        "moe": {"num_experts": 16, "top_k": 6, "router": "softmax_topk", "renormalize": False, "num_shared": 2,
+                "balance_loss": "deepseek", "z_loss": False},
+        "coefficients": {"balance": 0.001},
+    },
+    # MoIIE (arXiv 2508.09779): odd layers, 4 upcycled experts (1 image-only, 2 shared, 1 text-only), a router per
+    # modality, top-2, transformers-style balance per modality with coefficient 0.001; the last image token of each
+    # image is routed as text.
+    "moiie": {
+        "layers": "every_other_odd", "init": "upcycle", "modality_routing": True, "image_only_experts": 1,
+        "text_only_experts": 1, "last_image_token_as_text": True,
+        "moe": {"num_experts": 4, "top_k": 2, "router": "softmax_topk", "renormalize": True, "balance_loss": "mixtral",
+                "z_loss": False},
+        "coefficients": {"balance_image": 0.001, "balance_text": 0.001},
+    },
+    # BigMac (arXiv 2502.16927): fine-grained experts working at a low width r = d/4 (descend before dispatch,
+    # ascend after), random init.
+    "bigmac": {
+        "layers": "all", "init": "random", "bigmac_ratio": 0.25, "expert_ratio": 0.5,
+        "moe": {"num_experts": 16, "top_k": 4, "router": "softmax_topk", "renormalize": True,
+                "balance_loss": "deepseek", "z_loss": False},
+        "coefficients": {"balance": 0.01},
+    },
+}
+
+
+@dataclass
+class SparsityConfig:
+    """Which LM layers become sparse and how (see `zoo.lm.sparse`). ``preset`` fills every field the mapping does
+    not give (``moe`` and ``coefficients`` are merged key by key).
+
+    ``layers``: ``every_other_even`` | ``every_other_odd`` | ``first_half`` | ``second_half`` | ``all`` |
+    ``all_but_first`` | a list of layer indices. ``init``: ``upcycle`` (E copies of the dense FFN), ``upcycle_noise``
+    (copies + relative noise ``noise``), ``fine_grained_split`` (copies cut into ``granularity`` slices),
+    ``random``. ``moe``: `zoo.moe.MoEConfig` fields (widths come from the LM). ``coefficients``: weight of each
+    aux loss by name in the model loss. ``modality_routing``: MoIIE layers with a router per modality.
+    """
+
+    preset: str | None = None
+    layers: str | list[int] = "every_other_even"
+    init: Literal["upcycle", "upcycle_noise", "fine_grained_split", "random"] = "upcycle"
+    noise: float = 0.01
+    granularity: int = 1
+    expert_ratio: float | None = None  # random init: expert width = ratio * dense FFN width (default 1/granularity)
+    bigmac_ratio: float | None = None  # BigMac rank = ratio * hidden size
+    moe: dict[str, Any] = field(default_factory=dict)
+    coefficients: dict[str, float] = field(default_factory=lambda: {"balance": 0.01})
+    modality_routing: bool = False
+    image_only_experts: int = 1
+    text_only_experts: int = 1
+    last_image_token_as_text: bool = False
+
+    @staticmethod
+    def expand_mapping(data: dict[str, Any], path: str) -> dict[str, Any]:
+        name = data.get("preset")
+        if name is None:
+            return data
+        if name not in SPARSITY_PRESETS:
+            close = difflib.get_close_matches(str(name), SPARSITY_PRESETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{path + '.' if path else ''}preset: unknown sparsity preset {name!r}{hint} "
+                              f"Known presets: {', '.join(SPARSITY_PRESETS)}")
+        merged = copy.deepcopy(SPARSITY_PRESETS[name])
+        for key, value in data.items():
+            if key in ("moe", "coefficients") and isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged[key] = value
+        return merged
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in SPARSITY_PRESETS:
+            raise ConfigError(f"preset: unknown sparsity preset {self.preset!r}; known: {', '.join(SPARSITY_PRESETS)}")
+        if isinstance(self.layers, str) and self.layers not in LAYER_RULES:
+            raise ConfigError(f"layers: expected one of {', '.join(LAYER_RULES)} or a list of indices, got {self.layers!r}")
+        if self.granularity < 1:
+            raise ConfigError(f"granularity: must be >= 1, got {self.granularity}")
+        if self.init == "fine_grained_split" and self.granularity < 2:
+            raise ConfigError("granularity: init fine_grained_split needs granularity >= 2")
+        if self.noise < 0:
+            raise ConfigError(f"noise: must be >= 0, got {self.noise}")
+        from zoo.moe.config import MoEConfig
+
+        try:  # field names, types and the width-free checks now; widths come from the LM at build time
+            moe = from_dict(MoEConfig, dict(self.moe))
+        except ConfigError as e:
+            raise ConfigError(f"moe.{e}") from e
+        if self.modality_routing and self.image_only_experts + self.text_only_experts >= moe.num_experts:
+            raise ConfigError(f"image_only_experts: {self.image_only_experts} image-only + {self.text_only_experts} "
+                              f"text-only experts leave no shared expert among {moe.num_experts}")
+
+
+LAYER_RULES = ("every_other_even", "every_other_odd", "first_half", "second_half", "all", "all_but_first")
+
+
 @dataclass
 class LMConfig:
     """Language model. `kind`: `hf` (any transformers causal LM, by hub id / dir or by config dict)."""
@@ -187,6 +298,7 @@ class LMConfig:
     pretrained: bool = False
     config: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs incl. model_type
     attn_implementation: str | None = None
+    sparsity: SparsityConfig | None = None  # sparse FFN layers by policy (zoo.lm.sparse)
 
 
 @dataclass

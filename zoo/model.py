@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,10 +13,12 @@ from PIL import Image
 from torch import nn
 
 from zoo.checkpoint import load_weights, read_checkpoint_config, save_checkpoint
-from zoo.config import ModelConfig
+from zoo.config import ModelConfig, SparsityConfig, from_dict
 from zoo.connectors import build_connector
 from zoo.encoders import build_encoder
 from zoo.lm import build_lm, lm_config_dict
+from zoo.lm.sparse import gather_aux_losses, gather_routing_stats, modality_mask, sparse_context, sparsify
+from zoo.moe.layer import RoutingStats
 from zoo.tokenizer import build_tokenizer
 
 IGNORE_INDEX = -100
@@ -57,6 +60,8 @@ class ZooOutput:
     routing: dict[str, torch.Tensor] = field(default_factory=dict)
     past_key_values: object | None = None
     image_mask: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # of the spliced sequence
+    routing_stats: dict[str, RoutingStats] = field(default_factory=dict)  # per sparse LM layer (lm.layers.{i})
 
 
 class ZooModel(nn.Module):
@@ -75,6 +80,8 @@ class ZooModel(nn.Module):
         self.vision = build_encoder(config.vision)
         self.lm = build_lm(config.lm, vocab_size=len(tokenizer) if tokenizer is not None else None)
         self.connector = build_connector(config.connector, self.vision.width, self.lm.config.hidden_size)
+        if config.lm.sparsity is not None:
+            sparsify(self.lm, config.lm.sparsity)
         if config.image_token_id is None:
             if tokenizer is None:
                 raise ValueError("image_token_id: not set and no tokenizer to read it from")
@@ -184,12 +191,42 @@ class ZooModel(nn.Module):
             if bool(empty.any()):
                 raise ValueError(f"sample(s) {empty.nonzero().flatten().tolist()} have no supervised token "
                                  "(all labels are -100): the loss would be silently zero for them")
-        out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
-                      position_ids=sp.position_ids, labels=sp.labels, use_cache=False)
+        with self._sparse_masks(sp.image_mask, sp.attention_mask):
+            out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                          position_ids=sp.position_ids, labels=sp.labels, use_cache=False)
         aux = dict(image_out.aux_losses) if image_out is not None else {}
         routing = dict(image_out.routing) if image_out is not None else {}
-        return ZooOutput(logits=out.logits, loss=out.loss, lm_loss=out.loss, aux_losses=aux, routing=routing,
-                         image_mask=sp.image_mask)
+        loss = out.loss
+        policy = self.config.lm.sparsity
+        if policy is not None:
+            lm_aux = gather_aux_losses(self.lm)
+            aux.update({f"lm.{name}": value for name, value in lm_aux.items()})
+            if loss is not None:
+                for name, coefficient in policy.coefficients.items():
+                    if coefficient and name in lm_aux:
+                        loss = loss + coefficient * lm_aux[name]
+        return ZooOutput(logits=out.logits, loss=loss, lm_loss=out.loss, aux_losses=aux, routing=routing,
+                         image_mask=sp.image_mask, attention_mask=sp.attention_mask,
+                         routing_stats=gather_routing_stats(self.lm))
+
+    def _sparse_masks(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Context that hands the modality and padding masks of this LM call to the sparse layers."""
+        policy = self.config.lm.sparsity
+        if policy is None:
+            return contextlib.nullcontext()
+        modality = modality_mask(image_mask, attention_mask, policy.last_image_token_as_text)
+        return sparse_context(self.lm, modality, attention_mask.bool() if attention_mask is not None else None)
+
+    def sparsify(self, policy: SparsityConfig | dict) -> list[int]:
+        """Make the LM sparse by ``policy`` in place (e.g. upcycle after a dense stage); the config records it so
+        checkpoints rebuild the sparse architecture. Returns the sparse layer indices."""
+        if isinstance(policy, dict):
+            policy = from_dict(SparsityConfig, policy, path="lm.sparsity")
+        if self.config.lm.sparsity is not None:
+            raise ValueError("lm.sparsity: the model is already sparse")
+        layers = sparsify(self.lm, policy)
+        self.config.lm.sparsity = policy
+        return sorted(layers)
 
     # ------------------------------------------------------------------ prompts and generation
     def encode_prompt(self, question: str) -> list[int]:
@@ -211,8 +248,9 @@ class ZooModel(nn.Module):
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         image_embeds = self.encode_images(pixel_values).tokens if pixel_values is not None else None
         sp = self.splice(input_ids, image_embeds, attention_mask, padding_side="left")
-        out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
-                      position_ids=sp.position_ids, use_cache=True)
+        with self._sparse_masks(sp.image_mask, sp.attention_mask):
+            out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                          position_ids=sp.position_ids, use_cache=True)
         mask, position = sp.attention_mask, sp.position_ids[:, -1:]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         steps = []
@@ -225,8 +263,10 @@ class ZooModel(nn.Module):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             position = position + 1
-            out = self.lm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
-                          past_key_values=out.past_key_values, use_cache=True)
+            text = torch.zeros_like(token, dtype=torch.bool).unsqueeze(1)  # generated tokens are text
+            with self._sparse_masks(text, None):
+                out = self.lm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
+                              past_key_values=out.past_key_values, use_cache=True)
         return torch.stack(steps, 1)
 
     def collate_prompts(self, prompts: Sequence[list[int]], padding_side: str = "left"):

@@ -88,6 +88,34 @@ def _stats(routing: Routing, keep: torch.Tensor, num_experts: int, rows: torch.T
         )
 
 
+def combine_weights(routing: Routing, keep: torch.Tensor) -> torch.Tensor:
+    """Gates of the slots: dropped slots zeroed, then per-token normalisation (if the router asks) and scale."""
+    w = routing.score * keep.to(routing.score.dtype)
+    if routing.normalize:
+        denom = torch.zeros(routing.num_tokens, dtype=w.dtype, device=w.device).index_add_(0, routing.token, w)
+        w = w / (denom[routing.token] + 1e-20)
+    return w * routing.scale if routing.scale != 1.0 else w
+
+
+def routing_losses(cfg: MoEConfig, routing: Routing, suffix: str = "") -> dict[str, torch.Tensor]:
+    """The balance / device-balance / z losses ``cfg`` asks for, unscaled, named ``balance{suffix}`` etc."""
+    out = {}
+    slots_per_token = routing.expert.numel() / max(routing.num_tokens, 1)
+    if cfg.balance_loss == "switch":
+        out["balance"] = L.switch_balance(routing.probs, routing.top1())
+    elif cfg.balance_loss == "mixtral":
+        out["balance"] = L.mixtral_balance(routing.probs, routing.expert)
+    elif cfg.balance_loss == "deepseek":
+        out["balance"] = L.expert_balance(routing.probs, routing.expert, slots_per_token)
+    if cfg.device_groups > 1:
+        probs = routing.probs[:, : cfg.num_experts]
+        expert = routing.expert[routing.expert < cfg.num_experts]
+        out["device_balance"] = L.device_balance(probs, expert, slots_per_token, cfg.device_groups)
+    if cfg.z_loss:
+        out["z_loss"] = L.z_loss(routing.logits)
+    return {f"{name}{suffix}": value for name, value in out.items()}
+
+
 class MoELayer(nn.Module):
     """A sparse MoE FFN built from a `MoEConfig` (see the module docstring).
 
@@ -121,30 +149,12 @@ class MoELayer(nn.Module):
         self.config.backend = name
 
     def combine_weights(self, routing: Routing, keep: torch.Tensor) -> torch.Tensor:
-        """Gates of the slots: dropped slots zeroed, then per-token normalisation (if the router asks) and scale."""
-        w = routing.score * keep.to(routing.score.dtype)
-        if routing.normalize:
-            denom = torch.zeros(routing.num_tokens, dtype=w.dtype, device=w.device).index_add_(0, routing.token, w)
-            w = w / (denom[routing.token] + 1e-20)
-        return w * routing.scale if routing.scale != 1.0 else w
+        """Gates of the slots (see `combine_weights`)."""
+        return combine_weights(routing, keep)
 
     def aux_losses(self, routing: Routing) -> dict[str, torch.Tensor]:
         """The configured balance / z losses of one routing, unscaled."""
-        cfg, out = self.config, {}
-        slots_per_token = routing.expert.numel() / max(routing.num_tokens, 1)
-        if cfg.balance_loss == "switch":
-            out["balance"] = L.switch_balance(routing.probs, routing.top1())
-        elif cfg.balance_loss == "mixtral":
-            out["balance"] = L.mixtral_balance(routing.probs, routing.expert)
-        elif cfg.balance_loss == "deepseek":
-            out["balance"] = L.expert_balance(routing.probs, routing.expert, slots_per_token)
-        if cfg.device_groups > 1:
-            probs = routing.probs[:, : cfg.num_experts]
-            expert = routing.expert[routing.expert < cfg.num_experts]
-            out["device_balance"] = L.device_balance(probs, expert, slots_per_token, cfg.device_groups)
-        if cfg.z_loss:
-            out["z_loss"] = L.z_loss(routing.logits)
-        return out
+        return routing_losses(self.config, routing)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None) -> MoEOutput:

@@ -1,0 +1,104 @@
+"""`ModalityMoELayer`: one router per modality over its own candidate experts (MoIIE, arXiv 2508.09779).
+
+Experts split into image-only, shared (inter-modality) and text-only groups. Image tokens choose among
+{image-only + shared}, text tokens among {shared + text-only}; each modality has its own router over its candidates,
+and both modalities' slots go through one dispatch. With ``image_only=1, text_only=1`` and 4 experts this is the
+released MoIIE layout: image candidates [0, 1, 2], text candidates [1, 2, 3].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from zoo.moe.config import MoEConfig
+from zoo.moe.dispatch import get_dispatch
+from zoo.moe.experts import StackedExperts
+from zoo.moe.layer import MoEOutput, RoutingStats, _stats, combine_weights, routing_losses
+from zoo.moe.routing import ROUTERS, Routing, capacity_keep
+
+MODALITIES = ("image", "text")
+
+
+def modality_groups(num_experts: int, image_only: int, text_only: int) -> dict[str, list[int]]:
+    """Candidate experts per modality: image-only experts first, shared in the middle, text-only last."""
+    if image_only < 0 or text_only < 0 or image_only + text_only >= num_experts:
+        raise ValueError(f"image_only_experts + text_only_experts ({image_only} + {text_only}) must leave at least "
+                         f"one shared expert among the {num_experts}")
+    return {"image": list(range(num_experts - text_only)), "text": list(range(image_only, num_experts))}
+
+
+class ModalityMoELayer(nn.Module):
+    """MoE FFN with a router per modality. ``forward(x, modality, padding_mask=None)``: ``modality`` is required
+    (bool, True at image-token positions); aux losses come per modality (``balance_image``, ``balance_text``, ...)."""
+
+    def __init__(self, config: MoEConfig, groups: dict[str, list[int]]):
+        super().__init__()
+        if set(groups) != set(MODALITIES):
+            raise ValueError(f"groups: expected keys {MODALITIES}, got {sorted(groups)}")
+        self.config = config
+        self.experts = StackedExperts(config.num_experts, config.hidden_size, config.expert_size, config.expert_form,
+                                      config.activation, config.bias)
+        self.dispatch = get_dispatch(config.backend)
+        self.router_configs = {}
+        routers = {}
+        for name, ids in groups.items():
+            if not ids or min(ids) < 0 or max(ids) >= config.num_experts:
+                raise ValueError(f"groups.{name}: expert ids {ids} out of range for {config.num_experts} experts")
+            sub = dataclasses.replace(config, num_experts=len(ids), num_groups=1, topk_groups=1, device_groups=1)
+            self.router_configs[name] = sub
+            routers[name] = ROUTERS.get(config.router, field="router")(sub)
+            self.register_buffer(f"{name}_experts", torch.tensor(ids), persistent=False)
+        self.routers = nn.ModuleDict(routers)
+        self.groups = {k: list(v) for k, v in groups.items()}
+
+    def set_backend(self, name: str) -> None:
+        """Switch the dispatch backend; outputs do not change."""
+        self.dispatch = get_dispatch(name)
+        self.config.backend = name
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> MoEOutput:
+        cfg = self.config
+        if modality is None:
+            raise ValueError("modality: a MoIIE (modality-routed) layer needs the modality mask (True at image "
+                             "tokens); ZooModel passes it from its splice step")
+        if modality.shape != x.shape[:-1]:
+            raise ValueError(f"modality: shape {tuple(modality.shape)} != tokens {tuple(x.shape[:-1])}")
+        flat = x.reshape(-1, cfg.hidden_size)
+        is_image = modality.reshape(-1).bool()
+        real = torch.ones_like(is_image) if padding_mask is None else padding_mask.reshape(-1).bool()
+        tokens, experts, weights, keeps, aux = [], [], [], [], {}
+        stats: dict[str, RoutingStats] = {}
+        for name, mask in (("image", is_image & real), ("text", ~is_image & real)):
+            rows = torch.nonzero(mask).squeeze(1)
+            routing: Routing = self.routers[name](flat[rows])
+            sub = self.router_configs[name]
+            keep = capacity_keep(routing, sub.num_experts, sub.capacity(len(rows), self.training), sub.drop_policy)
+            tokens.append(rows[routing.token])
+            experts.append(getattr(self, f"{name}_experts")[routing.expert])
+            weights.append(combine_weights(routing, keep))
+            keeps.append(keep)
+            aux.update(routing_losses(sub, routing, suffix=f"_{name}"))
+            stats[name] = self._global_stats(routing, keep, name)
+        token, expert, weight, keep = (torch.cat(v) for v in (tokens, experts, weights, keeps))
+        out = self.dispatch(self.experts, flat, token[keep], expert[keep], weight[keep]).to(x.dtype)
+        total = RoutingStats(
+            assigned=stats["image"].assigned + stats["text"].assigned, kept=stats["image"].kept + stats["text"].kept,
+            dropped=stats["image"].dropped + stats["text"].dropped, null=stats["image"].null + stats["text"].null,
+            tokens=stats["image"].tokens + stats["text"].tokens,
+            entropy=(stats["image"].entropy * stats["image"].tokens + stats["text"].entropy * stats["text"].tokens)
+            / max(stats["image"].tokens + stats["text"].tokens, 1),
+            by_modality=stats,
+        )
+        return MoEOutput(out.reshape(x.shape), aux, total, routing)
+
+    def _global_stats(self, routing: Routing, keep: torch.Tensor, name: str) -> RoutingStats:
+        """Statistics of one modality's routing with its candidate ids mapped back to the layer's experts."""
+        local = _stats(routing, keep, self.router_configs[name].num_experts)
+        ids = getattr(self, f"{name}_experts")
+        place = lambda v: torch.zeros(self.config.num_experts, dtype=v.dtype, device=v.device).index_add_(0, ids, v)  # noqa: E731
+        return RoutingStats(place(local.assigned), place(local.kept), local.dropped, local.null, local.tokens,
+                            local.entropy)
