@@ -38,10 +38,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from zoo.train.demo import DEMO_TRAINING, run_demo
+    from zoo.train.demo import DEMO_MOE_POLICY, DEMO_MOE_TRAINING, DEMO_TRAINING, run_demo
 
     training = DEMO_TRAINING if args.steps is None else dataclasses.replace(DEMO_TRAINING, steps=args.steps)
-    run_demo(args.model, out_dir=args.out, training=training, eval_limit=args.limit)
+    moe_steps = args.moe_steps if args.moe_steps is not None else (
+        DEMO_MOE_TRAINING.steps if args.steps is None else max(1, args.steps // 3))
+    moe_training = dataclasses.replace(DEMO_MOE_TRAINING, steps=moe_steps)
+    run_demo(args.model, out_dir=args.out, training=training, eval_limit=args.limit,
+             moe_policy=None if args.dense else DEMO_MOE_POLICY, moe_training=moe_training)
     return 0
 
 
@@ -59,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="train and evaluate the demo model on easy-vqa")
     p.add_argument("--model", default="tiny-llava")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo schedule)")
+    p.add_argument("--steps", type=int, default=None, help="dense-stage optimizer steps (default: the demo schedule)")
+    p.add_argument("--moe-steps", type=int, default=None,
+                   help="MoE-tuning steps after upcycling (default: the demo schedule, or --steps // 3)")
+    p.add_argument("--dense", action="store_true", help="skip upcycling and MoE-tuning (a dense model)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test questions only")
     p.set_defaults(func=_cmd_demo)
     args = parser.parse_args(argv)
