@@ -30,6 +30,14 @@ def test_demo_trains_evaluates_saves_and_reloads(tmp_path, capsys):
     assert set(acc) == {"overall", "colour", "shape", "yes/no", "majority baseline"}
     assert 0.0 <= acc["overall"] <= 1.0
     assert "identical before and after reload" in out and "| overall | 300 |" in out
-    assert set(results["seconds"]) >= {"train", "evaluate", "save + reload"}
+    assert set(results["seconds"]) >= {"train (dense stage)", "upcycle + MoE-tune", "evaluate", "save + reload"}
+    # the MoE stage upcycled the LM; dropless top-2 routing sends each of the 16 image tokens of the 512 probe
+    # samples to exactly two experts in every sparse layer
+    load = results["expert_load"]
+    assert load and "expert load" in out
+    for layer in load.values():
+        assert sum(layer["image"]) == 512 * 16 * 2
+        assert sum(layer["text"]) > 0 and min(layer["image"] + layer["text"]) >= 0
     reloaded = zoo.load(tmp_path / "demo" / "model")
     assert reloaded.config.name == "tiny-llava"
+    assert reloaded.config.lm.sparsity is not None and reloaded.config.lm.sparsity.preset == "moe-llava"
