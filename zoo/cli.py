@@ -1,4 +1,4 @@
-"""The ``zoo`` command: ``list``, ``build``, ``demo``."""
+"""The ``zoo`` command: ``list``, ``build``, ``params``, ``demo``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_params(args: argparse.Namespace) -> int:
+    from zoo.params import param_counts
+
+    for name in args.models:
+        print(f"{name}:\n{param_counts(name)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from zoo.train.demo import DEMO_MOE_POLICY, DEMO_MOE_TRAINING, DEMO_TRAINING, run_demo
 
@@ -60,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("--out", default=None, help="save the fresh model to this directory")
     p.set_defaults(func=_cmd_build)
+    p = sub.add_parser("params", help="total and active parameters by part, counted on the meta device (no weights)")
+    p.add_argument("models", nargs="+")
+    p.set_defaults(func=_cmd_params)
     p = sub.add_parser("demo", help="train and evaluate the demo model on easy-vqa")
     p.add_argument("--model", default="tiny-llava")
     p.add_argument("--out", default="runs/demo")

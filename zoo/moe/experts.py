@@ -31,7 +31,7 @@ _ACTIVATION_ORDER = (
 
 def activation_name(act) -> str:
     """The transformers ACT2FN name of an activation module or function, found by comparing outputs."""
-    probe = torch.linspace(-6.0, 6.0, 193)
+    probe = torch.linspace(-6.0, 6.0, 193, device="cpu")  # on the CPU even inside a meta-device context
     with torch.no_grad():
         target = act(probe)
         outputs = {name: ACT2FN[name](probe) for name in _ACTIVATION_ORDER}

@@ -143,6 +143,13 @@ class MoELayer(nn.Module):
             if config.shared_gate:
                 self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
+    def active_parameters(self) -> int:
+        """Parameters one token runs through: all but the routed experts, plus ``top_k`` of them (see `zoo.params`)."""
+        total = sum(p.numel() for p in self.parameters())
+        bank = sum(p.numel() for p in self.experts.parameters())
+        E = self.config.num_experts
+        return total - bank + bank * min(self.config.top_k, E) // E
+
     def set_backend(self, name: str) -> None:
         """Switch the dispatch backend (``loop``, ``grouped``, ``padded``); outputs do not change."""
         self.dispatch = get_dispatch(name)

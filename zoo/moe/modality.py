@@ -54,6 +54,14 @@ class ModalityMoELayer(nn.Module):
         self.routers = nn.ModuleDict(routers)
         self.groups = {k: list(v) for k, v in groups.items()}
 
+    def active_parameters(self) -> int:
+        """Parameters one token runs through: its modality's router (the larger one counts) and ``top_k`` experts."""
+        bank = sum(p.numel() for p in self.experts.parameters())
+        routers = [sum(p.numel() for p in r.parameters()) for r in self.routers.values()]
+        rest = sum(p.numel() for p in self.parameters()) - bank - sum(routers)
+        E = self.config.num_experts
+        return rest + max(routers) + bank * min(self.config.top_k, E) // E
+
     def set_backend(self, name: str) -> None:
         """Switch the dispatch backend; outputs do not change."""
         self.dispatch = get_dispatch(name)

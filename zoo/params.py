@@ -1,0 +1,132 @@
+"""Parameter accounting: total and active (used per token) parameters, split into vision / connector / LM.
+
+>>> zoo.param_counts("moe-llava-phi2-4e")           # real size, built on the meta device: no weights, no memory
+ParamCounts(total=..., active=..., parts={'vision': (...), 'connector': (...), 'lm': (...)})
+
+"Active" is what one token runs through: every dense parameter, plus ``top_k`` of the ``E`` routed experts of each
+MoE layer (shared experts always), plus one router per token. Layers say how many of their parameters one token
+uses through an ``active_parameters()`` method (`zoo.moe.MoELayer`, `zoo.moe.ModalityMoELayer`, LoRA experts);
+transformers' own sparse blocks (Mixtral, Qwen2-MoE, ...) are recognised by their ``experts.num_experts`` and
+``top_k``. Papers' "activated parameters" (MoE-LLaVA, DeepSeekMoE) count the LM side: ``counts.parts["lm"]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zoo.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """``total`` and ``active`` parameters; ``parts`` maps ``vision`` / ``connector`` / ``lm`` to ``(total, active)``."""
+
+    total: int
+    active: int
+    parts: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        def b(n: int) -> str:
+            return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+        lines = [f"{'part':<10} {'total':>10} {'active':>10}"]
+        for name, (tot, act) in self.parts.items():
+            lines.append(f"{name:<10} {b(tot):>10} {b(act):>10}")
+        lines.append(f"{'all':<10} {b(self.total):>10} {b(self.active):>10}")
+        return "\n".join(lines)
+
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _hf_sparse_block(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(experts' params, num_experts, top_k)`` for a transformers sparse MoE block (Mixtral-style: ``.experts``
+    with ``num_experts`` and a ``top_k`` on the block or its ``gate``), else None."""
+    experts = getattr(module, "experts", None)
+    num = getattr(experts, "num_experts", None)
+    k = getattr(module, "top_k", None) or getattr(getattr(module, "gate", None), "top_k", None)
+    if not isinstance(experts, nn.Module) or not isinstance(num, int) or not isinstance(k, int):
+        return None
+    return _numel(experts.parameters()), num, k
+
+
+def count_module(module: nn.Module) -> tuple[int, int]:
+    """``(total, active)`` parameters of one module, shared parameters counted once."""
+    seen: set[int] = set()
+
+    def fresh(params) -> list[torch.Tensor]:
+        out = [p for p in params if id(p) not in seen]
+        seen.update(id(p) for p in out)
+        return out
+
+    def walk(m: nn.Module) -> tuple[int, int]:
+        active_fn = getattr(m, "active_parameters", None)
+        if callable(active_fn):
+            total = _numel(fresh(m.parameters()))
+            return total, min(total, int(active_fn()))
+        total = active = _numel(fresh(m.parameters(recurse=False)))
+        hf = _hf_sparse_block(m)
+        for name, child in m.named_children():
+            t, a = walk(child)
+            if hf is not None and name == "experts":
+                expert_params, num, k = hf
+                a = t * min(k, num) // num if t == expert_params else a
+            total, active = total + t, active + a
+        return total, active
+
+    return walk(module)
+
+
+def build_on_meta(name_or_config: str | Path | ModelConfig) -> nn.Module:
+    """The model of a catalogue name / YAML / config built on the meta device: real shapes, no memory, no weights.
+
+    Every part is built from its architecture: ``pretrained`` parts need it in the config (``vision.kwargs`` /
+    ``lm.config`` with ``model_type``), as hub configs cannot be fetched offline. The vocabulary is
+    ``lm.config.vocab_size`` when given, else the tokenizer's length (the tokenizer must then be buildable here).
+    """
+    from zoo.catalogue import get_config
+    from zoo.model import ZooModel
+    from zoo.tokenizer import build_tokenizer
+
+    config = copy.deepcopy(get_config(name_or_config))
+    config.vision.pretrained = config.lm.pretrained = False
+    tokenizer = None
+    if "vocab_size" not in (config.lm.config or {}):
+        try:
+            tokenizer = build_tokenizer(config.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{config.name}: lm.config.vocab_size is needed to count parameters without the "
+                             f"tokenizer, which cannot be built here ({e})") from e
+    elif config.image_token_id is None:
+        config.image_token_id = 0  # no tokenizer needed to count
+    try:
+        with torch.device("meta"):
+            return ZooModel(config, tokenizer)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config.name}: cannot build on the meta device from the config alone: {e}") from e
+
+
+def param_counts(model_or_name: nn.Module | str | Path | ModelConfig) -> ParamCounts:
+    """Total and active parameters of a model (a `zoo.ZooModel`, any ``nn.Module``) or of a catalogue name / YAML /
+    `ModelConfig`, which is built on the meta device (no weights, no memory), so real-size entries can be counted.
+
+    ``parts`` splits a `ZooModel` into ``vision``, ``connector`` and ``lm``; another module is one part, ``model``.
+    """
+    model = model_or_name if isinstance(model_or_name, nn.Module) else build_on_meta(model_or_name)
+    names = ("vision", "connector", "lm")
+    if all(isinstance(getattr(model, n, None), nn.Module) for n in names):
+        parts = {n: count_module(getattr(model, n)) for n in names}
+        rest = count_module(model)
+        extra = (rest[0] - sum(t for t, _ in parts.values()), rest[1] - sum(a for _, a in parts.values()))
+        if extra[0]:
+            parts["other"] = extra
+    else:
+        parts = {"model": count_module(model)}
+    return ParamCounts(total=sum(t for t, _ in parts.values()), active=sum(a for _, a in parts.values()),
+                       parts=parts)
