@@ -173,3 +173,61 @@ def test_sparse_model_saves_and_reloads(dense_model, tmp_path):
     _, _, batch = _batch(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+LM_FAMILIES = {  # tiny configs of the decoder families the policies support (SwiGLU, fused gate_up, GELU + bias)
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 8}, "phi": {"partial_rotary_factor": 0.5},
+    "phi3": {}, "stablelm": {"partial_rotary_factor": 0.25, "use_qkv_bias": True}, "gemma": {"head_dim": 8},
+}
+
+
+@pytest.mark.parametrize("model_type", list(LM_FAMILIES))
+def test_every_decoder_family_upcycles_to_its_dense_logits(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoo.lm.sparse import sparsify
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                               hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               **LM_FAMILIES[model_type])
+    dense = AutoModelForCausalLM.from_config(cfg).eval()
+    sparse = copy.deepcopy(dense)
+    policy = from_dict(SparsityConfig, {"preset": "moe-llava", "layers": "all", "init": "upcycle_noise",
+                                        "noise": 0.0}, path="lm.sparsity")
+    layers = sparsify(sparse, policy)
+    assert sorted(layers) == [0, 1]
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        ref = dense(ids).logits
+        out = sparse(ids).logits
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert sparse.training is False and all(not p.is_meta for p in sparse.parameters())
+
+
+@pytest.mark.parametrize("name", ["moe-llava-stablelm-1.6b-4e", "moe-llava-qwen-1.8b-4e", "moe-llava-phi2-2.7b-4e"])
+def test_moe_llava_tiny_twins_train_save_and_reload(name, tmp_path):
+    """Each real-size MoE-LLaVA entry has a tiny twin of the same layout that trains, saves and reloads."""
+    real, twin = zoo.get_config(name), zoo.get_config(name + "-tiny")
+    assert (twin.family, twin.vision.kind, twin.vision.kwargs["model_type"], twin.vision.feature_layer,
+            twin.connector.projector, twin.lm.config["model_type"], twin.lm.sparsity.preset, twin.prompt) == (
+        real.family, real.vision.kind, real.vision.kwargs["model_type"], real.vision.feature_layer,
+        real.connector.projector, real.lm.config["model_type"], real.lm.sparsity.preset, real.prompt)
+    torch.manual_seed(0)
+    model = zoo.build(name + "-tiny").train()
+    assert sorted(sparse_layers(model)) == ["lm.layers.0"]
+    _, _, batch = _batch(model)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] and "lm.balance" in out.aux_losses
+    model.eval().save_pretrained(tmp_path / "ckpt")
+    loaded = zoo.load(str(tmp_path / "ckpt")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
