@@ -1,7 +1,7 @@
 """Connectors (``zoo.connectors``): the bridges from vision tokens to the language model's embedding space."""
 
 from . import mlp  # noqa: F401  (register the kinds)
-from .base import CONNECTORS, ConnectorOutput, build_connector
+from .base import CONNECTORS, ConnectorOutput, PerExpertConnector, build_connector
 from .mlp import MLPProjector
 
-__all__ = ["CONNECTORS", "ConnectorOutput", "MLPProjector", "build_connector"]
+__all__ = ["CONNECTORS", "ConnectorOutput", "MLPProjector", "PerExpertConnector", "build_connector"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from zoo.config import ConnectorConfig
 from zoo.registry import Registry
@@ -14,13 +15,39 @@ CONNECTORS: Registry = Registry("connector")
 
 @dataclass
 class ConnectorOutput:
-    """``tokens``: ``[B, Lv, d_lm]``; ``aux_losses``: unscaled named losses; ``routing``: statistics by name."""
+    """``tokens``: ``[B, Lv, d_lm]``; ``aux_losses``: unscaled named losses; ``routing``: statistics by name;
+    ``expert_ids``: ``[Lv]`` the vision expert each token comes from (sequence-fused experts), else None."""
 
     tokens: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     routing: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_ids: torch.Tensor | None = None
 
 
-def build_connector(config: ConnectorConfig, in_dim: int, out_dim: int) -> torch.nn.Module:
-    """Build the connector named by ``config.kind`` mapping width ``in_dim`` to the LM width ``out_dim``."""
+class PerExpertConnector(nn.Module):
+    """One connector per vision expert (sequence fusion: MoCHA, MouSi); their tokens are concatenated in expert
+    order. Aux losses and routing statistics keep their names with the expert index appended (``balance.1``)."""
+
+    def __init__(self, config: ConnectorConfig, in_dims: list[int], out_dim: int):
+        super().__init__()
+        self.connectors = nn.ModuleList(
+            CONNECTORS.get(config.kind, field="connector.kind")(config, d, out_dim) for d in in_dims)
+
+    def forward(self, features: list[torch.Tensor]) -> ConnectorOutput:
+        if not isinstance(features, (list, tuple)) or len(features) != len(self.connectors):
+            raise ValueError(f"connector: expected a list of {len(self.connectors)} per-expert token tensors, got "
+                             f"{type(features).__name__}")
+        outs = [c(f) for c, f in zip(self.connectors, features)]
+        ids = torch.cat([torch.full((o.tokens.shape[1],), i, dtype=torch.long, device=o.tokens.device)
+                         for i, o in enumerate(outs)])
+        aux = {f"{k}.{i}": v for i, o in enumerate(outs) for k, v in o.aux_losses.items()}
+        routing = {f"{k}.{i}": v for i, o in enumerate(outs) for k, v in o.routing.items()}
+        return ConnectorOutput(torch.cat([o.tokens for o in outs], 1), aux, routing, ids)
+
+
+def build_connector(config: ConnectorConfig, in_dim: int | list[int], out_dim: int) -> nn.Module:
+    """Build the connector named by ``config.kind`` mapping width ``in_dim`` to the LM width ``out_dim``; a list of
+    widths (sequence-fused vision experts) gives one connector per expert (`PerExpertConnector`)."""
+    if isinstance(in_dim, (list, tuple)):
+        return PerExpertConnector(config, list(in_dim), out_dim)
     return CONNECTORS.get(config.kind, field="connector.kind")(config, in_dim, out_dim)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+from zoo.encoders import map_pixels, num_images
 
 from zoo.model import IGNORE_INDEX, ZooModel, pad_token_ids
 
@@ -151,7 +152,7 @@ class VQATrainingSet(Dataset):
                 labels[row, start:end] = input_ids[row, start:end]
         # Each distinct image of the batch is encoded once; image_index maps the samples to them.
         images, image_index = torch.tensor([image for image, _, _ in batch]).unique(return_inverse=True)
-        pixels = self.pixels[images]
+        pixels = map_pixels(self.pixels, lambda t: t[images])
         if self.augment == "dihedral":
             pixels = dihedral(pixels)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
@@ -162,16 +163,22 @@ class VQATrainingSet(Dataset):
         return self.encoded[self.groups[index][0]][0]
 
 
-def dihedral(pixels: torch.Tensor) -> torch.Tensor:
+def dihedral(pixels: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
     """Each image ``[N, 3, S, S]`` under a random one of the 8 flips/rotations of the square (for data whose
-    answers do not depend on orientation, such as easy-vqa's colours and shapes)."""
-    out = torch.empty_like(pixels)
-    turns = torch.randint(0, 4, (len(pixels),)).tolist()
-    flips = torch.randint(0, 2, (len(pixels),)).tolist()
-    for i, (k, flip) in enumerate(zip(turns, flips)):
-        image = torch.rot90(pixels[i], k, dims=(1, 2))
-        out[i] = image.flip(2) if flip else image
-    return out
+    answers do not depend on orientation, such as easy-vqa's colours and shapes); several experts' pixels of the
+    same image get the same transform."""
+    n = num_images(pixels)
+    turns = torch.randint(0, 4, (n,)).tolist()
+    flips = torch.randint(0, 2, (n,)).tolist()
+
+    def apply(batch: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(batch)
+        for i, (k, flip) in enumerate(zip(turns, flips)):
+            image = torch.rot90(batch[i], k, dims=(1, 2))
+            out[i] = image.flip(2) if flip else image
+        return out
+
+    return map_pixels(pixels, apply)
 
 
 class ImageGroupedBatchSampler(Sampler[list[int]]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,5 +104,8 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                         gradient_clip_val=config.grad_clip or None, log_every_n_steps=config.log_every,
                         num_sanity_val_steps=0, deterministic=False)
-    trainer.fit(module, loader)
+    with warnings.catch_warnings():
+        # frozen vision experts stay in eval mode on purpose (VisionExpert.train); Lightning warns about it
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, loader)
     return module

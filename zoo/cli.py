@@ -14,7 +14,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in zoo.list_models(family=args.family):
         cfg = zoo.get_config(name)
         lm = cfg.lm.name or cfg.lm.config.get("model_type", "?")
-        rows.append((name, cfg.family, f"{cfg.vision.kind}:{cfg.vision.name}", cfg.connector.projector, lm))
+        vision = " + ".join(f"{v.kind}:{v.name or v.kwargs.get('model_type', '?')}" for v in cfg.vision_experts)
+        rows.append((name, cfg.family, vision, cfg.connector.projector, lm))
     header = ("name", "family", "vision", "connector", "lm")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

@@ -42,11 +42,18 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own error is the most precise
             return _convert(options[0], value, path)
+        errors = {}
         for arg in options:
             try:
                 return _convert(arg, value, path)
-            except ConfigError:
-                continue
+            except ConfigError as e:
+                errors[arg] = e
+        # a mapping given for a dataclass (or a list for a list) failed inside: its own error is the precise one
+        for arg, error in errors.items():
+            origin_arg = typing.get_origin(arg)
+            if (isinstance(value, dict) and dataclasses.is_dataclass(arg)) or (
+                    isinstance(value, list) and origin_arg in (list, tuple)):
+                raise error
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
@@ -162,6 +169,25 @@ class VisionConfig:
     std: list[float] | None = None
     resize: typing.Literal["squash", "pad"] = "squash"  # pad = letterbox with the mean colour (LLaVA-1.5)
     frozen: bool = False
+
+
+@dataclass
+class FusionConfig:
+    """How several vision experts (``vision`` given as a list) are fused (see `zoo.encoders.fusion`).
+
+    ``mode``: ``channel`` concatenates features per grid position (Prismatic, MoVA; grids must be equal after
+    alignment, prefix tokens dropped) or ``sequence`` concatenates the experts' token sequences (MoCHA, MouSi; one
+    connector per expert). ``grid``: target side of the aligned grid (channel default: the first expert's grid).
+    ``resample``: ``bilinear`` | ``area`` (fp32) | ``none`` (no alignment).
+    """
+
+    mode: typing.Literal["channel", "sequence"] = "channel"
+    grid: int | None = None
+    resample: typing.Literal["bilinear", "area", "none"] = "bilinear"
+
+    def __post_init__(self):
+        if self.grid is not None and self.grid < 1:
+            raise ConfigError(f"grid: expected a positive grid side, got {self.grid}")
 
 
 @dataclass
@@ -303,12 +329,16 @@ class LMConfig:
 
 @dataclass
 class ModelConfig:
-    """A whole vision-language model: vision expert -> connector -> language model."""
+    """A whole vision-language model: vision expert(s) -> connector -> language model.
+
+    ``vision`` is one expert or a list of experts fused as ``fusion`` says.
+    """
 
     name: str = "unnamed"
     family: str = "llava"
     description: str = ""
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig | list[VisionConfig] = field(default_factory=VisionConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -330,6 +360,11 @@ class ModelConfig:
             if str(e).startswith(str(path)):
                 raise
             raise ConfigError(f"{path}: {e}") from e
+
+    @property
+    def vision_experts(self) -> list[VisionConfig]:
+        """The vision experts as a list (one or several)."""
+        return list(self.vision) if isinstance(self.vision, list) else [self.vision]
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

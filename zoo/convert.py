@@ -144,6 +144,8 @@ def _llava_config(model: ZooModel):
     from transformers import LlavaConfig
 
     config = model.config
+    if isinstance(config.vision, list):
+        raise ValueError(f"vision: {len(config.vision)} fused experts have no {_TARGET} equivalent (one tower only)")
     if config.vision.kind != "hf":
         raise ValueError(f"vision.kind: {config.vision.kind!r} has no {_TARGET} equivalent (needs 'hf', a "
                          "transformers CLIP/SigLIP vision tower)")

@@ -15,7 +15,7 @@ from torch import nn
 from zoo.checkpoint import load_weights, read_checkpoint_config, save_checkpoint
 from zoo.config import ModelConfig, SparsityConfig, from_dict
 from zoo.connectors import build_connector
-from zoo.encoders import build_encoder
+from zoo.encoders import FusedVision, build_vision, map_pixels, num_images
 from zoo.lm import build_lm, lm_config_dict
 from zoo.lm.sparse import gather_aux_losses, gather_routing_stats, modality_mask, sparse_context, sparsify
 from zoo.moe.layer import RoutingStats
@@ -68,7 +68,8 @@ class ZooModel(nn.Module):
     """A vision-language model assembled from a :class:`~zoo.config.ModelConfig`.
 
     Build one with :func:`zoo.build` or load one with :func:`zoo.load`. ``forward`` takes ``pixel_values``
-    ``[N_images, 3, S, S]`` (images in placeholder order across the batch), ``input_ids`` ``[B, T]`` holding one
+    ``[N_images, 3, S, S]`` (images in placeholder order across the batch; with several vision experts, a dict of
+    one such tensor per expert, as ``model.vision.preprocess`` gives), ``input_ids`` ``[B, T]`` holding one
     image-token id per image, and optional ``attention_mask`` / ``labels`` ``[B, T]``.
     """
 
@@ -77,7 +78,7 @@ class ZooModel(nn.Module):
         config = copy.deepcopy(config)  # the model owns its config (image_token_id is filled in below)
         self.config = config
         self.tokenizer = tokenizer
-        self.vision = build_encoder(config.vision)
+        self.vision = build_vision(config.vision, config.fusion)
         self.lm = build_lm(config.lm, vocab_size=len(tokenizer) if tokenizer is not None else None)
         self.connector = build_connector(config.connector, self.vision.width, self.lm.config.hidden_size)
         if config.lm.sparsity is not None:
@@ -102,11 +103,15 @@ class ZooModel(nn.Module):
         return self.vision.num_tokens
 
     # ------------------------------------------------------------------ forward
-    def encode_images(self, pixel_values: torch.Tensor):
-        """``[N, 3, S, S]`` -> :class:`~zoo.connectors.ConnectorOutput` with tokens ``[N, Lv, d_lm]``."""
+    def encode_images(self, pixel_values: torch.Tensor | dict[str, torch.Tensor]):
+        """``[N, 3, S, S]`` (or, for several vision experts, ``{"0": [N, 3, S0, S0], ...}`` from
+        ``model.vision.preprocess``) -> :class:`~zoo.connectors.ConnectorOutput` with tokens ``[N, Lv, d_lm]``."""
+        if isinstance(self.vision, FusedVision):
+            return self.connector(self.vision(pixel_values))
+        if isinstance(pixel_values, dict):
+            raise TypeError("pixel_values: a dict of per-expert pixels was given to a single-expert model")
         dtype = next(self.vision.parameters()).dtype
-        features = self.vision(pixel_values.to(dtype))
-        return self.connector(features)
+        return self.connector(self.vision(pixel_values.to(dtype)))
 
     def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -165,7 +170,7 @@ class ZooModel(nn.Module):
         position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
         return Spliced(embeds, mask, position_ids, image_mask, new_labels)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | dict[str, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 image_index: torch.Tensor | None = None) -> ZooOutput:
         """Logits ``[B, T', V]`` over the spliced sequence; with ``labels``, the loss on unmasked labels.
@@ -174,7 +179,8 @@ class ZooModel(nn.Module):
         ``pixel_values``: an image shared by several samples is then encoded once.
         A sample whose labels are all -100 raises: it would train on nothing (data pipelines skip such samples).
         """
-        image_out = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        has_images = pixel_values is not None and num_images(pixel_values) > 0
+        image_out = self.encode_images(pixel_values) if has_images else None
         image_tokens = image_out.tokens if image_out is not None else None
         if image_index is not None:
             n_images = 0 if image_tokens is None else len(image_tokens)
@@ -239,7 +245,8 @@ class ZooModel(nn.Module):
         return self.tokenizer(" " + answer, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def generate(self, pixel_values: torch.Tensor | dict[str, torch.Tensor] | None, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor,
                  max_new_tokens: int = 16) -> torch.Tensor:
         """Greedy decoding with the KV cache from left-padded prompts; returns new ids ``[B, <=max_new_tokens]``
         (pad after EOS)."""
@@ -293,7 +300,8 @@ class ZooModel(nn.Module):
             for start in starts:
                 qs = questions[start:start + batch_size]
                 ids, mask = self.collate_prompts([self.encode_prompt(q) for q in qs])
-                pixels = self.vision.preprocess(images[start:start + batch_size]).to(self.device)
+                pixels = map_pixels(self.vision.preprocess(images[start:start + batch_size]),
+                                    lambda t: t.to(self.device))
                 new = self.generate(pixels, ids.to(self.device), mask.to(self.device), max_new_tokens)
                 answers += [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         finally:

@@ -95,7 +95,9 @@ def build_on_meta(name_or_config: str | Path | ModelConfig) -> nn.Module:
     from zoo.tokenizer import build_tokenizer
 
     config = copy.deepcopy(get_config(name_or_config))
-    config.vision.pretrained = config.lm.pretrained = False
+    for expert in config.vision_experts:
+        expert.pretrained = False
+    config.lm.pretrained = False
     tokenizer = None
     if "vocab_size" not in (config.lm.config or {}):
         try:
