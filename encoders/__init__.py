@@ -5,7 +5,8 @@ Every expert owns its preprocessing (`preprocess`) and returns patch tokens ``[B
 
 from . import hf_expert, timm_expert  # noqa: F401  (register the kinds)
 from .base import ENCODERS, VisionExpert, build_encoder, hidden_state_to_block, to_rgb
+from .cache import FeatureCache, image_key, tower_fingerprint
 from .fusion import FusedVision, align_grid, build_vision, map_pixels, num_images
 
-__all__ = ["ENCODERS", "FusedVision", "VisionExpert", "align_grid", "build_encoder", "build_vision",
-           "hidden_state_to_block", "map_pixels", "num_images", "to_rgb"]
+__all__ = ["ENCODERS", "FeatureCache", "FusedVision", "VisionExpert", "align_grid", "build_encoder", "build_vision",
+           "hidden_state_to_block", "image_key", "map_pixels", "num_images", "to_rgb", "tower_fingerprint"]

@@ -1,6 +1,7 @@
 """Answer normalisation and the easy-vqa accuracy table (closed-form cases)."""
 
 import pytest
+
 from zoo.eval import accuracy_table, answer_type, exact_match, normalize_answer
 
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 from PIL import Image
-from zoo.encoders import FusedVision, align_grid, build_encoder
 
 import zoo
 from zoo.config import ConfigError, FusionConfig, VisionConfig, from_dict
+from zoo.encoders import FusedVision, align_grid, build_encoder
 
 CLIP = {"kind": "hf", "kwargs": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                                  "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 56,

@@ -7,12 +7,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
-from zoo.connectors import MLPProjector
-from zoo.encoders import build_encoder
 
 import zoo
 from zoo.checkpoint import CheckpointError
 from zoo.config import ConnectorConfig, VisionConfig
+from zoo.connectors import MLPProjector
+from zoo.encoders import build_encoder
 from zoo.model import IGNORE_INDEX
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import tiny_config
-from zoo.train import TrainConfig, ZooLightningModule
 
 import zoo
+from zoo.train import TrainConfig, ZooLightningModule
 
 
 def test_optimizer_groups_scale_lr_per_part_and_skip_frozen_parts():

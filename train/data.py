@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
-from zoo.encoders import map_pixels, num_images
 
+from zoo.encoders import FeatureCache, map_pixels, num_images
 from zoo.model import IGNORE_INDEX, ZooModel, pad_token_ids
 
 log = logging.getLogger(__name__)
@@ -81,20 +81,29 @@ class VQATrainingSet(Dataset):
     later turns as ``question answer</s>`` after it), drawn in a fresh random order at every access: the way
     LLaVA-1.5 packs the VQAv2 questions of an image, so the image is encoded once for all of them.
 
-    The images of the split are preprocessed once by the model's vision expert; ``augment="dihedral"`` applies a
-    random flip/rotation to each image of each batch. A sample that would be longer than
+    The images of the split are preprocessed once by the model's vision expert, or, with ``features`` (a
+    `zoo.encoders.FeatureCache` of the frozen tower), encoded once into the cache and read from it in every batch
+    (``image_features`` instead of ``pixel_values``: the align stage never runs the experts). ``augment="dihedral"``
+    applies a random flip/rotation to each image of each batch. A sample that would be longer than
     ``model.config.max_length`` after image expansion is truncated (whole later turns are dropped); if no answer
     token survives it is skipped and counted in ``skipped`` (with its id), never trained on with an all-masked
     label row.
     """
 
-    def __init__(self, model: ZooModel, split: VQASplit, augment: str | None = None, turns_per_sample: int = 1):
+    def __init__(self, model: ZooModel, split: VQASplit, augment: str | None = None, turns_per_sample: int = 1,
+                 features: FeatureCache | None = None):
         if augment not in (None, "dihedral"):
             raise ValueError(f"augment: expected None or 'dihedral', got {augment!r}")
         if turns_per_sample < 1:
             raise ValueError(f"turns_per_sample: expected >= 1, got {turns_per_sample}")
+        if features is not None and augment is not None:
+            raise ValueError("augment: cached features are of the unaugmented images; use augment=None with features")
         self.augment, self.turns = augment, turns_per_sample
-        self.pixels = model.vision.preprocess(split.images)
+        if features is not None:  # frozen vision: read its outputs from the cache, never run it
+            features.add(split.images)
+            self.pixels, self.features = None, features.get(split.images)
+        else:
+            self.pixels, self.features = model.vision.preprocess(split.images), None
         self.skipped = SkipCounter()
         self.budget = model.config.max_length - (model.num_image_tokens - 1)
         self.pad_id = model.tokenizer.pad_token_id
@@ -152,11 +161,16 @@ class VQATrainingSet(Dataset):
                 labels[row, start:end] = input_ids[row, start:end]
         # Each distinct image of the batch is encoded once; image_index maps the samples to them.
         images, image_index = torch.tensor([image for image, _, _ in batch]).unique(return_inverse=True)
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "image_index": image_index}
+        if self.features is not None:
+            feats = self.features
+            batch["image_features"] = [f[images] for f in feats] if isinstance(feats, list) else feats[images]
+            return batch
         pixels = map_pixels(self.pixels, lambda t: t[images])
         if self.augment == "dihedral":
             pixels = dihedral(pixels)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-                "pixel_values": pixels, "image_index": image_index}
+        batch["pixel_values"] = pixels
+        return batch
 
     def image_of(self, index: int) -> int:
         """The image (index into the split's images) that item `index` asks about."""

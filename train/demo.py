@@ -9,9 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from zoo.eval import accuracy_table, count_by_type
 
 import zoo
+from zoo.eval import accuracy_table, count_by_type
 
 from .data import VQATrainingSet, load_easy_vqa
 from .module import TrainConfig, fit

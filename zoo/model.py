@@ -113,6 +113,13 @@ class ZooModel(nn.Module):
         dtype = next(self.vision.parameters()).dtype
         return self.connector(self.vision(pixel_values.to(dtype)))
 
+    def _cast_features(self, features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        param = next(self.connector.parameters(), None)
+        device, dtype = (param.device, param.dtype) if param is not None else (self.device, None)
+        if isinstance(features, (list, tuple)):
+            return [f.to(device, dtype) for f in features]
+        return features.to(device, dtype)
+
     def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                padding_side: str = "right") -> Spliced:
@@ -172,15 +179,22 @@ class ZooModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | dict[str, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_index: torch.Tensor | None = None) -> ZooOutput:
+                image_index: torch.Tensor | None = None,
+                image_features: torch.Tensor | list[torch.Tensor] | None = None) -> ZooOutput:
         """Logits ``[B, T', V]`` over the spliced sequence; with ``labels``, the loss on unmasked labels.
 
         ``image_index`` ``[N_placeholders]`` (optional) maps each placeholder, in batch order, to a row of
-        ``pixel_values``: an image shared by several samples is then encoded once.
+        ``pixel_values``: an image shared by several samples is then encoded once. ``image_features`` replaces
+        ``pixel_values`` with the vision tower's output read from a `zoo.encoders.FeatureCache` (frozen vision).
         A sample whose labels are all -100 raises: it would train on nothing (data pipelines skip such samples).
         """
-        has_images = pixel_values is not None and num_images(pixel_values) > 0
-        image_out = self.encode_images(pixel_values) if has_images else None
+        if image_features is not None:
+            if pixel_values is not None:
+                raise ValueError("pixel_values and image_features: give one, not both")
+            image_out = self.connector(self._cast_features(image_features))
+        else:
+            has_images = pixel_values is not None and num_images(pixel_values) > 0
+            image_out = self.encode_images(pixel_values) if has_images else None
         image_tokens = image_out.tokens if image_out is not None else None
         if image_index is not None:
             n_images = 0 if image_tokens is None else len(image_tokens)

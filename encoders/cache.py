@@ -1,0 +1,160 @@
+"""A disk cache of frozen vision features, so align-stage training reads features instead of running the experts.
+
+>>> cache = FeatureCache("cache/", model.vision)          # one folder per tower: config + weights fingerprint
+>>> cache.add(images, batch_size=64)                       # encodes only the images not cached yet
+>>> feats = cache.get(images)                              # [N, L, C] (a list of them for sequence fusion)
+
+Entries are keyed by the image's content (a hash of its mode, size and pixels) inside a folder named by the tower's
+fingerprint (its resolved config and the bytes of its weights), so a changed expert never reads stale features.
+Features are stored as safetensors shards written atomically (temporary file, then rename) with a JSON index
+rewritten after each shard: a crash loses at most the shard being written. Cached features are bitwise the live
+ones: the same tower in eval mode computes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from zoo.config import to_dict
+
+from .fusion import FusedVision
+
+INDEX = "index.json"
+
+
+def image_key(image: Image.Image) -> str:
+    """Content hash of a PIL image (mode, size and pixel bytes): equal pictures share cached features."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image: expected a PIL.Image, got {type(image).__name__}")
+    h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()[:32]
+
+
+def tower_fingerprint(tower: nn.Module) -> str:
+    """Hash of a vision tower's resolved config and the bytes of its weights and buffers."""
+    resolved = tower.resolved_config()
+    config = [to_dict(c) for c in resolved] if isinstance(resolved, list) else to_dict(resolved)
+    if isinstance(tower, FusedVision):
+        config = {"experts": config, "fusion": to_dict(tower.fusion)}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(tower.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    """Features of one frozen vision tower (`VisionExpert` or `FusedVision`) under ``root/<fingerprint>/``."""
+
+    def __init__(self, root: str | Path, tower: nn.Module, shard_size: int = 1024):
+        self.tower = tower
+        self.fingerprint = tower_fingerprint(tower)
+        self.dir = Path(root) / self.fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self.sequence = isinstance(tower, FusedVision) and tower.fusion.mode == "sequence"
+        index_path = self.dir / INDEX
+        self.index: dict[str, list] = {}
+        if index_path.exists():
+            try:
+                self.index = json.loads(index_path.read_text())["entries"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index_path}: not a feature-cache index ({e}); delete the folder to rebuild") from e
+        self._shards: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, image: Image.Image) -> bool:
+        return image_key(image) in self.index
+
+    @torch.no_grad()
+    def add(self, images: Sequence[Image.Image], batch_size: int = 64, progress: bool = False) -> int:
+        """Encode and store the images not cached yet (duplicates encoded once); returns how many were added."""
+        todo: dict[str, Image.Image] = {}
+        for i, image in enumerate(images):
+            try:
+                key = image_key(image)
+            except TypeError as e:
+                raise TypeError(f"image {i}: {e}") from e
+            if key not in self.index:
+                todo.setdefault(key, image)
+        keys = list(todo)
+        was_training = self.tower.training
+        self.tower.eval()
+        device = next(self.tower.parameters()).device
+        starts: Iterable[int] = range(0, len(keys), self.shard_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="caching features", unit="shard")
+        try:
+            for start in starts:
+                chunk = keys[start:start + self.shard_size]
+                parts: list[list[torch.Tensor]] = []
+                for b in range(0, len(chunk), batch_size):
+                    pixels = self.tower.preprocess([todo[k] for k in chunk[b:b + batch_size]])
+                    if isinstance(pixels, dict):
+                        pixels = {k: v.to(device) for k, v in pixels.items()}
+                        out = self.tower(pixels)
+                    else:
+                        out = self.tower(pixels.to(device, next(self.tower.parameters()).dtype))
+                    parts.append([t.cpu() for t in (out if isinstance(out, list) else [out])])
+                self._write_shard(chunk, [torch.cat(p) for p in zip(*parts)])
+        finally:
+            self.tower.train(was_training)
+        return len(keys)
+
+    def _write_shard(self, keys: list[str], tensors: list[torch.Tensor]) -> None:
+        name = f"shard-{len({s for s, _ in self.index.values()}):05d}.safetensors"
+        path = self.dir / name
+        tmp = path.with_suffix(".tmp")
+        save_file({f"features.{i}": t.contiguous() for i, t in enumerate(tensors)}, str(tmp),
+                  metadata={"tower": self.fingerprint, "count": str(len(keys))})
+        os.replace(tmp, path)
+        for row, key in enumerate(keys):
+            self.index[key] = [name, row]
+        _atomic_write_text(self.dir / INDEX, json.dumps({"tower": self.fingerprint, "entries": self.index}))
+
+    def _shard(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._shards:
+            path = self.dir / name
+            try:
+                self._shards[name] = load_file(str(path))
+            except Exception as e:  # OSError, or safetensors' own error on a truncated or foreign file
+                raise ValueError(f"{path}: cannot read cached features ({e}); delete it and its index to rebuild") from e
+        return self._shards[name]
+
+    def get(self, images: Sequence[Image.Image]) -> torch.Tensor | list[torch.Tensor]:
+        """Cached features of ``images``: ``[N, L, C]`` (a list of per-expert tensors for sequence fusion).
+        An image not in the cache is an error naming its position (call `add` first)."""
+        rows = []
+        for i, image in enumerate(images):
+            key = image_key(image)
+            if key not in self.index:
+                raise KeyError(f"image {i}: not in the feature cache {self.dir} (call add() first)")
+            rows.append(self.index[key])
+        if not rows:
+            raise ValueError("images: nothing to read")
+        n_parts = len(self._shard(rows[0][0]))
+        out = []
+        for part in range(n_parts):
+            out.append(torch.stack([self._shard(name)[f"features.{part}"][row] for name, row in rows]))
+        return out if self.sequence else out[0]
