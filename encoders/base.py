@@ -64,9 +64,10 @@ class VisionExpert(nn.Module):
         extra = 0 if self.config.drop_prefix else self.num_prefix_tokens
         return self.grid[0] * self.grid[1] + extra
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images (any mode) -> normalised float tensor ``[N, 3, S, S]`` at this expert's resolution."""
-        size = self.image_size
+    def preprocess(self, images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
+        """PIL images (any mode) -> normalised float tensor ``[N, 3, S, S]`` at this expert's resolution (or
+        ``size``)."""
+        size = size or self.image_size
         out = np.empty((len(images), size, size, 3), dtype=np.float32)
         fill = tuple(int(round(m * 255)) for m in self.mean)
         for i, image in enumerate(images):
@@ -108,8 +109,14 @@ class VisionExpert(nn.Module):
 
 
 def build_encoder(config: VisionConfig) -> VisionExpert:
-    """Build the vision expert named by ``config.kind``."""
+    """Build the vision expert named by ``config.kind`` (wrapped for S2 multi-scale features if ``scales``)."""
     expert = ENCODERS.get(config.kind, field="vision.kind")(config)
+    if config.scales and config.scales != [1]:
+        from .multiscale import MultiScaleExpert
+
+        expert = MultiScaleExpert(expert, config.scales)
+    if config.dtype is not None:
+        expert.to(getattr(torch, config.dtype))
     if config.frozen:
         expert.requires_grad_(False)
         expert.eval()

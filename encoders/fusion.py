@@ -8,6 +8,7 @@ expert, in config order); `map_pixels` applies a tensor function to either form.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -131,8 +132,9 @@ class FusedVision(nn.Module):
             raise ValueError(f"pixel_values: expected keys {expected} (one per expert), got {sorted(pixels)}")
         num_images(pixels)
         tokens = [self._tokens(i, e, pixels[str(i)]) for i, e in enumerate(self.experts)]
-        if self.fusion.mode == "channel":
-            return torch.cat([t.to(tokens[0].dtype) for t in tokens], dim=2)
+        if self.fusion.mode == "channel":  # experts held in different dtypes meet in the widest one
+            dtype = functools.reduce(torch.promote_types, [t.dtype for t in tokens])
+            return torch.cat([t.to(dtype) for t in tokens], dim=2)
         return tokens
 
     def resolved_config(self) -> list[VisionConfig]:

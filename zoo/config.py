@@ -169,6 +169,12 @@ class VisionConfig:
     std: list[float] | None = None
     resize: typing.Literal["squash", "pad"] = "squash"  # pad = letterbox with the mean colour (LLaVA-1.5)
     frozen: bool = False
+    scales: list[int] | None = None  # S2 multi-scale, e.g. [1, 3] (CuMo: 336 + 1008 cut into 3x3 crops of 336)
+    dtype: typing.Literal["float32", "bfloat16", "float16"] | None = None  # e.g. a frozen expert held in bf16
+
+    def __post_init__(self):
+        if self.scales is not None and (not self.scales or min(self.scales) < 1 or 1 not in self.scales):
+            raise ConfigError(f"scales: expected positive integer scales including 1, got {self.scales}")
 
 
 @dataclass

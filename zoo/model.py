@@ -107,11 +107,11 @@ class ZooModel(nn.Module):
         """``[N, 3, S, S]`` (or, for several vision experts, ``{"0": [N, 3, S0, S0], ...}`` from
         ``model.vision.preprocess``) -> :class:`~zoo.connectors.ConnectorOutput` with tokens ``[N, Lv, d_lm]``."""
         if isinstance(self.vision, FusedVision):
-            return self.connector(self.vision(pixel_values))
+            return self.connector(self._cast_features(self.vision(pixel_values)))
         if isinstance(pixel_values, dict):
             raise TypeError("pixel_values: a dict of per-expert pixels was given to a single-expert model")
         dtype = next(self.vision.parameters()).dtype
-        return self.connector(self.vision(pixel_values.to(dtype)))
+        return self.connector(self._cast_features(self.vision(pixel_values.to(dtype))))
 
     def _cast_features(self, features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         param = next(self.connector.parameters(), None)
