@@ -46,8 +46,18 @@ class PerExpertConnector(nn.Module):
 
 
 def build_connector(config: ConnectorConfig, in_dim: int | list[int], out_dim: int) -> nn.Module:
-    """Build the connector named by ``config.kind`` mapping width ``in_dim`` to the LM width ``out_dim``; a list of
-    widths (sequence-fused vision experts) gives one connector per expert (`PerExpertConnector`)."""
+    """Build the connector named by ``config.kind`` mapping width ``in_dim`` to the LM width ``out_dim``.
+
+    A list of widths (sequence-fused vision experts) goes to a connector class with ``multi_expert = True`` as is
+    (it receives the list of per-expert token tensors); other kinds get one connector per expert
+    (`PerExpertConnector`). A class with ``requires_multi_expert = True`` refuses a single width.
+    """
+    cls = CONNECTORS.get(config.kind, field="connector.kind")
     if isinstance(in_dim, (list, tuple)):
+        if getattr(cls, "multi_expert", False):  # takes the per-expert token list itself (MoCHA, MoVA, MouSi)
+            return cls(config, list(in_dim), out_dim)
         return PerExpertConnector(config, list(in_dim), out_dim)
-    return CONNECTORS.get(config.kind, field="connector.kind")(config, in_dim, out_dim)
+    if getattr(cls, "requires_multi_expert", False):
+        raise ValueError(f"connector.kind: {config.kind!r} needs several vision experts fused by sequence "
+                         "(vision: [...], fusion.mode: sequence)")
+    return cls(config, in_dim, out_dim)

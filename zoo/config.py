@@ -198,11 +198,21 @@ class FusionConfig:
 
 @dataclass
 class ConnectorConfig:
-    """Vision -> LM bridge. `kind`: `mlp` (LLaVA projector; `projector`: linear | identity | mlpNx_gelu)."""
+    """Vision -> LM bridge. ``kind``: a registered connector (`zoo.connectors.CONNECTORS`), e.g. ``mlp`` (LLaVA
+    projector; ``projector``: linear | identity | mlpNx_gelu).
+
+    ``moe``: `zoo.moe.MoEConfig` fields for MoE connectors (widths come from the vision tower and the LM);
+    ``coefficients``: weight of each aux loss by name in the model loss (a loss named ``balance.1``, from the
+    connector of vision expert 1, takes the coefficient of ``balance``); ``options``: the kind's own settings,
+    checked by that connector (errors name ``connector.options.<key>``).
+    """
 
     kind: str = "mlp"
     projector: str = "mlp2x_gelu"
     bias: bool = True
+    moe: dict[str, Any] = field(default_factory=dict)
+    coefficients: dict[str, float] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

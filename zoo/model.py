@@ -214,9 +214,15 @@ class ZooModel(nn.Module):
         with self._sparse_masks(sp.image_mask, sp.attention_mask):
             out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                           position_ids=sp.position_ids, labels=sp.labels, use_cache=False)
-        aux = dict(image_out.aux_losses) if image_out is not None else {}
+        aux = {f"connector.{k}": v for k, v in image_out.aux_losses.items()} if image_out is not None else {}
         routing = dict(image_out.routing) if image_out is not None else {}
         loss = out.loss
+        if loss is not None and image_out is not None:
+            coefficients = self.config.connector.coefficients
+            for name, value in image_out.aux_losses.items():
+                coefficient = coefficients.get(name, coefficients.get(name.rsplit(".", 1)[0], 0.0))
+                if coefficient:
+                    loss = loss + coefficient * value
         policy = self.config.lm.sparsity
         if policy is not None:
             lm_aux = gather_aux_losses(self.lm)
