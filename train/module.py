@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from zoo.model import ZooModel
 
@@ -88,7 +88,9 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
     L.seed_everything(config.seed, workers=True, verbose=False)
     workers = {"num_workers": config.num_workers, "persistent_workers": config.num_workers > 0,
                "collate_fn": dataset.collate}
-    if config.questions_per_image > 1:
+    if isinstance(dataset, IterableDataset):  # streams (webdataset, ConversationStream) come in their own order
+        loader = DataLoader(dataset, batch_size=config.batch_size, **workers)
+    elif config.questions_per_image > 1:
         if config.batch_size % config.questions_per_image:
             raise ValueError(f"batch_size: {config.batch_size} is not a multiple of questions_per_image "
                              f"{config.questions_per_image}")

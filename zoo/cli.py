@@ -1,4 +1,4 @@
-"""The ``zoo`` command: ``list``, ``build``, ``params``, ``demo``."""
+"""The ``zoo`` command: ``list``, ``build``, ``params``, ``convert``, ``demo``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,18 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from zoo.train.conversations import read_llava_json, write_webdataset
+    from zoo.train.data import SkipCounter
+
+    skipped = SkipCounter()
+    samples = read_llava_json(args.source, image_root=args.image_root, skipped=skipped)
+    n = write_webdataset(samples, args.out, maxcount=args.maxcount, skipped=skipped)
+    print(f"wrote {n} samples to {args.out} ({skipped.total} skipped"
+          + "".join(f"; {reason}: {len(ids)}" for reason, ids in skipped.by_reason.items()) + ")")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from zoo.train.demo import DEMO_MOE_POLICY, DEMO_MOE_TRAINING, DEMO_TRAINING, run_demo
 
@@ -72,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("params", help="total and active parameters by part, counted on the meta device (no weights)")
     p.add_argument("models", nargs="+")
     p.set_defaults(func=_cmd_params)
+    p = sub.add_parser("convert", help="convert data: llava-to-wds (LLaVA JSON + image dir -> webdataset shards)")
+    p.add_argument("what", choices=["llava-to-wds"])
+    p.add_argument("source", help="LLaVA JSON or JSON-lines file")
+    p.add_argument("--image-root", default=None, help="folder the records' image paths are relative to")
+    p.add_argument("--out", required=True, help="shard pattern, e.g. shards/train-%%05d.tar")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    p.set_defaults(func=_cmd_convert)
     p = sub.add_parser("demo", help="train and evaluate the demo model on easy-vqa")
     p.add_argument("--model", default="tiny-llava")
     p.add_argument("--out", default="runs/demo")

@@ -1,0 +1,193 @@
+"""Conversation data (zoo.train.conversations): templates with labels on assistant turns only, LLaVA JSON and
+webdataset sources written by the tests, every kind of bad data as a counted skip, text-only samples in image batches,
+and training on the stream."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+import zoo
+from zoo.cli import main
+from zoo.model import IGNORE_INDEX
+from zoo.train.conversations import (
+    BadSample,
+    Conversation,
+    ConversationStream,
+    encode_conversation,
+    read_llava_json,
+    read_webdataset,
+)
+from zoo.train.data import SkipCounter
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return zoo.build(tiny_config())
+
+
+def _png(colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _supervised(encoded) -> list[int]:
+    return [t for t, lab in zip(encoded.input_ids, encoded.labels) if lab != IGNORE_INDEX]
+
+
+def test_vicuna_template_supervises_only_the_answers(model):
+    tok = model.tokenizer
+    conv = Conversation("s1", [("user", "<image>\nwhat color is the shape?"), ("assistant", "red"),
+                               ("user", "is there a circle?"), ("assistant", "no")], [_png()])
+    enc = encode_conversation(model, conv, "vicuna_v1")
+    assert _supervised(enc) == tok(" red", add_special_tokens=False).input_ids + [tok.eos_token_id] + \
+        tok(" no", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert enc.input_ids.count(model.image_token_id) == 1 and enc.input_ids[0] == tok.bos_token_id
+    unsupervised = [t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX]
+    assert tok.get_vocab()["circle"] in unsupervised  # the second question is context, not a target
+
+
+def test_plain_and_zoo_templates(model):
+    tok = model.tokenizer
+    conv = Conversation("s2", [("user", "<image>\ndescribe it"), ("assistant", "a red circle")], [_png()])
+    plain = encode_conversation(model, conv, "plain")
+    assert plain.input_ids[:2] == [tok.bos_token_id, model.image_token_id]
+    assert _supervised(plain) == tok("a red circle", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    zoo_enc = encode_conversation(model, conv, "zoo")
+    assert zoo_enc.input_ids[:len(model.encode_prompt("describe it"))] == model.encode_prompt("describe it")
+    assert _supervised(zoo_enc) == model.encode_answer("a red circle")
+
+
+def test_chat_template_labels_each_assistant_message(model):
+    tok = model.tokenizer
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    try:
+        conv = Conversation("s3", [("user", "<image>\nwhat shape is this?"), ("assistant", "circle"),
+                                   ("user", "what color?"), ("assistant", "red")], [_png()])
+        enc = encode_conversation(model, conv, "chat_template")
+    finally:
+        tok.chat_template = None
+    vocab = tok.get_vocab()
+    # each supervised span is the message and its closing </s> (the role header belongs to the prompt)
+    assert _supervised(enc) == [vocab["circle"], tok.eos_token_id, vocab["red"], tok.eos_token_id]
+
+
+def test_one_image_without_placeholder_goes_in_front_like_llava(model):
+    conv = Conversation("s4", [("user", "what shape is this?"), ("assistant", "circle")], [_png()])
+    enc = encode_conversation(model, conv)
+    assert enc.input_ids.count(model.image_token_id) == 1
+
+
+@pytest.mark.parametrize("turns, images, reason", [
+    ([("user", "<image>\nwhat shape?")], 1, "no assistant turn"),
+    ([("user", "<image>\n  "), ("assistant", "circle")], 1, "empty question"),
+    ([("user", "<image> <image> what?"), ("assistant", "circle")], 1, "2 <image> placeholder(s) for 1 image(s)"),
+    ([("user", "what?"), ("assistant", "circle")], 2, "0 <image> placeholder(s) for 2 image(s)"),
+    ([("user", "<image>\n" + "what " * 300), ("assistant", "circle")], 1, "over-long"),
+])
+def test_bad_conversations_say_why(model, turns, images, reason):
+    with pytest.raises(BadSample, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        encode_conversation(model, Conversation("bad", turns, [_png()] * images))
+
+
+def _write_faulty_llava_json(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "red.png").write_bytes(_png())
+    (images / "blue.png").write_bytes(_png((20, 20, 220)))
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    good = [
+        {"id": "good-1", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "good-2", "image": "blue.png", "conversations": [
+            {"from": "human", "value": "what color is the shape?"}, {"from": "gpt", "value": "blue"}]},
+        {"id": "good-text", "conversations": [
+            {"from": "human", "value": "is red a color?"}, {"from": "gpt", "value": "yes"}]},
+    ]
+    bad = [
+        {"id": "bad-missing-file", "image": "nowhere.png", "conversations": good[0]["conversations"]},
+        {"id": "bad-corrupt", "image": "corrupt.png", "conversations": good[0]["conversations"]},
+        {"id": "bad-no-answer", "image": "red.png", "conversations": [good[0]["conversations"][0]]},
+        {"id": "bad-empty-question", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "red"}]},
+        {"id": "bad-placeholders", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image> <image> what?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "bad-long", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + "what " * 300}, {"from": "gpt", "value": "red"}]},
+        {"id": "bad-role", "conversations": [{"from": "robot", "value": "hi"}]},
+    ]
+    lines = [json.dumps(r) for r in good + bad] + ["{not json"]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, images, {r["id"] for r in good}, {r["id"] for r in bad} | {"data.jsonl:11"}
+
+
+def _drain(stream):
+    return [item for item in stream]
+
+
+def test_llava_json_with_every_fault_trains_on_the_good_samples_only(model, tmp_path):
+    path, images, good, bad = _write_faulty_llava_json(tmp_path)
+    skipped = SkipCounter()
+    samples = read_llava_json(path, image_root=images, skipped=skipped)
+    stream = ConversationStream(model, [samples])
+    items = _drain(stream)
+    assert {i[0] for i in items} == good  # no good sample lost
+    named = {sid for ids in list(skipped.by_reason.values()) + list(stream.skipped.by_reason.values()) for sid in ids}
+    assert named == bad  # every bad sample named
+    reasons = " | ".join(list(skipped.by_reason) + list(stream.skipped.by_reason))
+    for word in ("malformed JSON line", "unknown role", "missing image file", "corrupt image", "no assistant turn",
+                 "empty question", "placeholder", "over-long"):
+        assert word in reasons
+
+
+def test_webdataset_round_trip_and_a_truncated_shard(model, tmp_path):
+    path, images, good, _ = _write_faulty_llava_json(tmp_path)
+    assert main(["convert", "llava-to-wds", str(path), "--image-root", str(images),
+                 "--out", str(tmp_path / "wds" / "shard-%05d.tar"), "--maxcount", "4"]) == 0
+    shards = sorted(str(p) for p in (tmp_path / "wds").glob("shard-*.tar"))
+    # 8 records written: the malformed line, the unknown role and the missing image file are skipped on the way
+    assert len(shards) == 2
+    skipped = SkipCounter()
+    samples = list(read_webdataset(shards, skipped=skipped))
+    assert len(samples) == 8 and skipped.total == 0
+    stream = ConversationStream(model, [lambda: read_webdataset(shards)])
+    assert {i[0] for i in _drain(stream)} == good
+    # a shard cut in the middle of a member: the readable samples still come, the rest is a counted skip
+    data = (tmp_path / "wds" / "shard-00000.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    skipped = SkipCounter()
+    partial = list(read_webdataset([str(cut), shards[1]], skipped=skipped))
+    assert skipped.total >= 1 and 4 <= len(partial) < 8  # shard 1's four samples, part of shard 0's
+
+
+def test_text_only_and_image_samples_share_a_batch_and_training_lowers_the_loss(model, tmp_path):
+    from zoo.train import TrainConfig, fit
+
+    colours = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
+    samples = []
+    for i in range(48):
+        name = list(colours)[i % 3]
+        samples.append(Conversation(f"img-{i}", [("user", "<image>\nwhat color is the shape?"),
+                                                 ("assistant", name)], [_png(colours[name])]))
+    text = [Conversation(f"txt-{i}", [("user", "is red a color?"), ("assistant", "yes")]) for i in range(16)]
+    trained = zoo.build(tiny_config())
+    trained.load_state_dict(model.state_dict())
+    stream = ConversationStream(trained, [samples, text], template="zoo")
+    batch = stream.collate(_drain(stream)[:16])
+    assert batch["pixel_values"].shape[0] == int((batch["input_ids"] == trained.image_token_id).sum())
+    with torch.no_grad():
+        before = trained(**batch).loss.item()
+    fit(trained, stream, TrainConfig(steps=8, batch_size=16, lr=3e-3), progress=False)
+    with torch.no_grad():
+        after = trained.eval()(**batch).loss.item()
+    assert after < before
