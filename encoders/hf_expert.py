@@ -13,6 +13,8 @@ from .base import ENCODERS, VisionExpert, hidden_state_to_block
 _FAMILY_NORM = {
     "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "dinov2_with_registers": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 
@@ -64,8 +66,8 @@ class HFVisionTower(VisionExpert):
         side = vcfg.image_size // vcfg.patch_size
         self.grid = (side, side)
         embeddings = _embeddings(self.model)
-        self.num_prefix_tokens = int(hasattr(embeddings, "class_embedding")) + int(
-            getattr(vcfg, "num_register_tokens", 0) or 0)
+        has_cls = hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")  # CLIP / DINOv2
+        self.num_prefix_tokens = int(has_cls) + int(getattr(vcfg, "num_register_tokens", 0) or 0)
         self.image_size = int(vcfg.image_size)
         mean, std = _FAMILY_NORM.get(vcfg.model_type, _FAMILY_NORM["clip_vision_model"])
         self.mean = tuple(config.mean or mean)

@@ -45,7 +45,7 @@ class TimmExpert(VisionExpert):
             self.index = hidden_state_to_block(config.feature_layer, len(self.model.blocks))
             self.width = self.model.embed_dim
             self.grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
-            self.num_prefix_tokens = int(self.model.num_prefix_tokens)
+            self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))  # SAM ViTs have none
         else:
             stages = self.model.feature_info
             n = len(stages)
@@ -58,12 +58,14 @@ class TimmExpert(VisionExpert):
             side = -(-self.image_size // int(info["reduction"]))  # ceil: strided convs pad
             self.grid = (side, side)
             self.num_prefix_tokens = 0
+        # CNNs and prefix-free ViTs whose intermediates are NCHW maps only (timm's SAM) are read as maps.
+        self.spatial_maps = not self.is_vit or not hasattr(self.model, "num_prefix_tokens")
         # Blocks/stages after the feature layer and the head never run: drop them, so that no parameter sits in
         # the optimizer (or under DDP) without a gradient and parameter counts are honest.
         self.model.prune_intermediate_layers([self.index], prune_norm=True, prune_head=True)
 
     def forward_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if not self.is_vit:
+        if self.spatial_maps:
             (fmap,) = self.model.forward_intermediates(pixel_values, indices=[self.index], stop_early=True,
                                                        intermediates_only=True)
             return fmap.flatten(2).transpose(1, 2)

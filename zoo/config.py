@@ -156,7 +156,10 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
 
 @dataclass
 class VisionConfig:
-    """One vision expert. `kind`: `timm` (any timm model name) or `hf` (transformers vision tower)."""
+    """One vision expert. ``kind``: ``timm`` (any timm model name), ``hf`` (a transformers vision tower) or
+    ``open_clip`` (an open_clip model name, ``hf-hub:`` or ``local-dir:``); or ``expert``: a named expert of
+    `zoo.encoders.named` (e.g. ``clip-vit-l-14-336``, ``dinov2-vit-l-14-reg4-tiny``) whose fields the others
+    override."""
 
     kind: str = "timm"
     name: str | None = None  # timm model name, or transformers hub id / local dir for `hf`
@@ -171,6 +174,21 @@ class VisionConfig:
     frozen: bool = False
     scales: list[int] | None = None  # S2 multi-scale, e.g. [1, 3] (CuMo: 336 + 1008 cut into 3x3 crops of 336)
     dtype: typing.Literal["float32", "bfloat16", "float16"] | None = None  # e.g. a frozen expert held in bf16
+    expert: str | None = None  # a named expert (zoo.encoders.named): its fields are defaults under the given ones
+
+    @staticmethod
+    def expand_mapping(data: dict[str, Any], path: str) -> dict[str, Any]:
+        name = data.get("expert")
+        if name is None:
+            return data
+        from zoo.encoders.named import VISION_EXPERTS
+        from zoo.registry import UnknownPartError
+
+        try:
+            entry = VISION_EXPERTS.get(str(name), field=f"{path}.expert" if path else "expert")
+        except UnknownPartError as e:
+            raise ConfigError(str(e)) from e
+        return {**copy.deepcopy(entry), **data}
 
     def __post_init__(self):
         if self.scales is not None and (not self.scales or min(self.scales) < 1 or 1 not in self.scales):
