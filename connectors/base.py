@@ -33,6 +33,10 @@ class PerExpertConnector(nn.Module):
         self.connectors = nn.ModuleList(
             CONNECTORS.get(config.kind, field="connector.kind")(config, d, out_dim) for d in in_dims)
 
+    def output_tokens(self, in_tokens: list[int]) -> int:
+        """Tokens out per image: each expert's connector's count, added up."""
+        return sum(c.output_tokens(n) if hasattr(c, "output_tokens") else n for c, n in zip(self.connectors, in_tokens))
+
     def forward(self, features: list[torch.Tensor]) -> ConnectorOutput:
         if not isinstance(features, (list, tuple)) or len(features) != len(self.connectors):
             raise ValueError(f"connector: expected a list of {len(self.connectors)} per-expert token tensors, got "

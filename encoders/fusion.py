@@ -18,7 +18,7 @@ from torch import nn
 
 from zoo.config import ConfigError, FusionConfig, VisionConfig
 
-from .base import VisionExpert, build_encoder
+from .base import build_encoder
 
 Pixels = torch.Tensor | dict[str, torch.Tensor]
 
@@ -105,6 +105,13 @@ class FusedVision(nn.Module):
         self.register_buffer("expert_ids", ids, persistent=False)
 
     @property
+    def token_counts(self) -> list[int]:
+        """Tokens per image of each expert after alignment (sequence mode), or ``[num_tokens]`` (channel mode)."""
+        if self.fusion.mode == "channel":
+            return [self.num_tokens]
+        return torch.bincount(self.expert_ids, minlength=len(self.experts)).tolist()
+
+    @property
     def grid(self) -> tuple[int, int]:
         """The fused grid (channel mode) or the first expert's output grid."""
         return self.grids_out[0]
@@ -113,7 +120,10 @@ class FusedVision(nn.Module):
         """PIL images (any mode) -> ``{"0": pixels of expert 0, ...}``, each expert with its own preprocessing."""
         return {str(i): expert.preprocess(images) for i, expert in enumerate(self.experts)}
 
-    def _tokens(self, i: int, expert: VisionExpert, pixels: torch.Tensor) -> torch.Tensor:
+    def expert_tokens(self, i: int, pixels: torch.Tensor) -> torch.Tensor:
+        """Expert ``i`` alone: its pixels ``[N, 3, S_i, S_i]`` -> its tokens on its output grid (prefix tokens kept);
+        MoVA runs only the experts the LM picked this way."""
+        expert = self.experts[i]
         tokens = expert(pixels.to(next(expert.parameters()).dtype))
         grid, target = tuple(expert.grid), self.grids_out[i]
         if grid == target:
@@ -131,7 +141,7 @@ class FusedVision(nn.Module):
         if sorted(pixels) != sorted(expected):
             raise ValueError(f"pixel_values: expected keys {expected} (one per expert), got {sorted(pixels)}")
         num_images(pixels)
-        tokens = [self._tokens(i, e, pixels[str(i)]) for i, e in enumerate(self.experts)]
+        tokens = [self.expert_tokens(i, pixels[str(i)]) for i in range(len(self.experts))]
         if self.fusion.mode == "channel":  # experts held in different dtypes meet in the widest one
             dtype = functools.reduce(torch.promote_types, [t.dtype for t in tokens])
             return torch.cat([t.to(dtype) for t in tokens], dim=2)

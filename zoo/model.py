@@ -99,8 +99,13 @@ class ZooModel(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        """LM positions one image occupies after splicing."""
-        return self.vision.num_tokens
+        """LM positions one image occupies after splicing (the connector may compress or pool the vision tokens)."""
+        sequence = isinstance(self.vision, FusedVision) and self.vision.fusion.mode == "sequence"
+        counts = self.vision.token_counts if sequence else self.vision.num_tokens
+        output_tokens = getattr(self.connector, "output_tokens", None)
+        if output_tokens is not None:
+            return int(output_tokens(counts))
+        return sum(counts) if sequence else counts
 
     # ------------------------------------------------------------------ forward
     def encode_images(self, pixel_values: torch.Tensor | dict[str, torch.Tensor]):
@@ -122,10 +127,13 @@ class ZooModel(nn.Module):
 
     def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-               padding_side: str = "right") -> Spliced:
+               padding_side: str = "right", image_positions: torch.Tensor | None = None) -> Spliced:
         """Replace each image placeholder by its block of image tokens, vectorised over the batch.
 
         The output is padded on ``padding_side`` (left for generation); labels at image positions are -100.
+        ``image_positions`` ``[L]`` (a connector's ``routing["position_ids"]``, MouSi's position compression): the
+        image tokens' position offsets, from 0 in steps of 0 or 1; tokens with equal ids share a position and the
+        text after the image continues after the last id. None: one position per image token.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -174,7 +182,14 @@ class ZooModel(nn.Module):
             new_labels = labels.new_full((B, total), IGNORE_INDEX)
             new_labels[rows[is_text], new_pos[is_text]] = labels[is_text]
             new_labels = new_labels.masked_fill(mask == 0, IGNORE_INDEX)
-        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+        steps = mask.long()  # how far each token advances the position id
+        if image_positions is not None and given:
+            ids = image_positions.to(steps.device)
+            step = torch.diff(ids, prepend=ids.new_full((1,), -1))  # 1 where a new id starts (the first always)
+            if ids.shape != (L,) or int(ids[0]) != 0 or not bool(((step == 0) | (step == 1)).all()):
+                raise ValueError(f"image_positions: expected [{L}] ids from 0 in steps of 0 or 1, got {ids.tolist()}")
+            steps[img_rows, img_cols] = step.expand_as(img_cols)
+        position_ids = (steps.cumsum(1) - 1).clamp(min=0)
         return Spliced(embeds, mask, position_ids, image_mask, new_labels)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | dict[str, torch.Tensor] | None = None,
@@ -204,7 +219,8 @@ class ZooModel(nn.Module):
                                  f"images, got {image_index.tolist()}")
             if image_tokens is not None:
                 image_tokens = image_tokens[image_index]
-        sp = self.splice(input_ids, image_tokens, attention_mask, labels)
+        positions = image_out.routing.get("position_ids") if image_out is not None else None
+        sp = self.splice(input_ids, image_tokens, attention_mask, labels, image_positions=positions)
         if sp.labels is not None:
             # The LM predicts token t+1 from t: a label at position 0 is never a target.
             empty = (sp.labels[:, 1:] == IGNORE_INDEX).all(1)
@@ -266,15 +282,21 @@ class ZooModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor | dict[str, torch.Tensor] | None, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor,
-                 max_new_tokens: int = 16) -> torch.Tensor:
+                 attention_mask: torch.Tensor, max_new_tokens: int = 16,
+                 image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy decoding with the KV cache from left-padded prompts; returns new ids ``[B, <=max_new_tokens]``
-        (pad after EOS)."""
+        (pad after EOS). ``image_embeds`` ``[N, L, d_lm]`` replaces ``pixel_values`` with image blocks computed by
+        the caller (MoVA's two passes)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        if pixel_values is not None and image_embeds is not None:
+            raise ValueError("pixel_values and image_embeds: give one, not both")
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        image_embeds = self.encode_images(pixel_values).tokens if pixel_values is not None else None
-        sp = self.splice(input_ids, image_embeds, attention_mask, padding_side="left")
+        positions = None
+        if pixel_values is not None:
+            image_out = self.encode_images(pixel_values)
+            image_embeds, positions = image_out.tokens, image_out.routing.get("position_ids")
+        sp = self.splice(input_ids, image_embeds, attention_mask, padding_side="left", image_positions=positions)
         with self._sparse_masks(sp.image_mask, sp.attention_mask):
             out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                           position_ids=sp.position_ids, use_cache=True)
