@@ -47,9 +47,11 @@ class ZooLightningModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.config = config
+        self.losses: list[torch.Tensor] = []  # per optimizer step (detached; no device sync while training)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model(**batch)
+        self.losses.append(out.loss.detach())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         for name, value in out.aux_losses.items():
             self.log(f"train/aux/{name}", value, batch_size=batch["input_ids"].shape[0])

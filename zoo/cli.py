@@ -1,4 +1,4 @@
-"""The ``zoo`` command: ``list``, ``build``, ``params``, ``convert``, ``demo``."""
+"""The ``zoo`` command: ``list``, ``build``, ``params``, ``train``, ``convert``, ``demo``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,18 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zoo.train.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    run_dir = args.run_dir or str(Path("runs") / recipe.name)
+    run_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    print(f"done: {run_dir} (per-stage exports in {run_dir}/NN-stage/model, run.json, recipe.yaml)")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from zoo.train.conversations import read_llava_json, write_webdataset
     from zoo.train.data import SkipCounter
@@ -84,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("params", help="total and active parameters by part, counted on the meta device (no weights)")
     p.add_argument("models", nargs="+")
     p.set_defaults(func=_cmd_params)
+    p = sub.add_parser("train", help="run a staged training recipe (configs/recipes/*.yaml)")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. stages.0.train.steps=10 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="default: runs/<recipe name>")
+    p.add_argument("--resume", action="store_true", help="load finished stages' exports instead of retraining")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
     p = sub.add_parser("convert", help="convert data: llava-to-wds (LLaVA JSON + image dir -> webdataset shards)")
     p.add_argument("what", choices=["llava-to-wds"])
     p.add_argument("source", help="LLaVA JSON or JSON-lines file")

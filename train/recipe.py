@@ -1,0 +1,260 @@
+"""Staged training recipes: one YAML file says which model to build, which data sources exist, and the stages (data
+mix, trainable parameters, optimisation, actions at the stage boundary such as upcycling the LM).
+
+>>> from zoo.train.recipe import load_recipe, run_recipe
+>>> run_recipe(load_recipe("configs/recipes/moe-llava-tiny.yaml"), "runs/moe-llava-tiny")
+
+or ``zoo train configs/recipes/moe-llava-tiny.yaml --set stages.0.train.steps=10``. The run directory holds
+``recipe.yaml`` (resolved), ``run.json`` (git revision, package versions, timings), and per stage ``NN-name/``
+with ``metrics.csv`` and ``model/`` (a `save_pretrained` export). With ``resume=True`` finished stages (their export
+present) are loaded instead of trained again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+import zoo
+from zoo.config import ConfigError, SparsityConfig, from_dict, read_mapping, to_dict
+from zoo.model import ZooModel
+from zoo.registry import Registry
+
+from .conversations import Conversation, ConversationStream, read_llava_json, read_webdataset
+from .data import SkipCounter, load_easy_vqa
+from .module import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceConfig:
+    """A data source. ``kind``: ``easy-vqa`` (``split``), ``llava-json`` (``path``, ``image_root``), ``webdataset``
+    (``urls``: shard paths or a brace pattern). ``limit`` keeps the first N samples."""
+
+    kind: Literal["easy-vqa", "llava-json", "webdataset"]
+    split: str = "train"
+    path: str | None = None
+    image_root: str | None = None
+    urls: str | list[str] | None = None
+    limit: int | None = None
+
+
+@dataclass
+class ActionConfig:
+    """An action at the start of a stage: ``sparsify`` (the LM, by ``policy``: a `SparsityConfig` mapping or preset),
+    ``load`` (weights of a zoo checkpoint at ``path`` into the model), or any action registered in `ACTIONS`."""
+
+    action: str
+    policy: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageConfig:
+    """One stage: ``data`` maps source names to mixing weights (empty: every source, weighted by size);
+    ``trainable``: part names (``vision``, ``connector``, ``lm``) or globs over parameter names
+    (``lm.*.mlp.*``); everything else is frozen. ``before``: actions run first. ``train``: optimisation."""
+
+    name: str
+    data: dict[str, float] = field(default_factory=dict)
+    template: str = "zoo"
+    trainable: list[str] = field(default_factory=lambda: ["connector"])
+    before: list[ActionConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class RecipeConfig:
+    """A whole training recipe (see the module docstring)."""
+
+    name: str
+    model: str
+    data: dict[str, SourceConfig]
+    stages: list[StageConfig]
+    seed: int = 0
+    description: str = ""
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if not names:
+            raise ConfigError("stages: a recipe needs at least one stage")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages: stage names must be unique, got {names}")
+        for i, stage in enumerate(self.stages):
+            unknown = sorted(set(stage.data) - set(self.data))
+            if unknown:
+                raise ConfigError(f"stages[{i}].data: unknown source(s) {unknown}; sources: {sorted(self.data)}")
+
+
+ACTIONS: Registry[Callable[[ZooModel, ActionConfig], None]] = Registry("stage action")
+
+
+@ACTIONS.register("sparsify")
+def _sparsify(model: ZooModel, action: ActionConfig) -> None:
+    """Upcycle / sparsify the LM by ``policy`` (MoE-LLaVA's stage III start)."""
+    layers = model.sparsify(from_dict(SparsityConfig, dict(action.policy), path="before.policy"))
+    log.info("sparsified LM layers %s", layers)
+
+
+@ACTIONS.register("load")
+def _load(model: ZooModel, action: ActionConfig) -> None:
+    """Load the weights of a zoo checkpoint (same architecture) into the model."""
+    from zoo.checkpoint import load_weights
+
+    if not action.path:
+        raise ConfigError("before.path: the checkpoint directory to load")
+    load_weights(model, Path(action.path))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``key.sub.0.field=value`` assignments (values parsed as YAML) applied to a recipe mapping; a path that does
+    not exist is an error naming it."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parts = key.split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            try:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            except (IndexError, ValueError) as e:
+                raise ConfigError(f"--set {key}: no element {'.'.join(parts[: i + 1])!r}") from e
+        last = parts[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            try:
+                node[int(last)] = value
+            except (IndexError, ValueError) as e:
+                raise ConfigError(f"--set {key}: no element {key!r}") from e
+        else:
+            node[last] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """A recipe from YAML, with ``--set`` style overrides; errors name the file and the field."""
+    data = apply_overrides(read_mapping(path), overrides or [])
+    try:
+        return from_dict(RecipeConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def build_source(config: SourceConfig, skipped: SkipCounter):
+    """The conversations of a source: a list (easy-vqa, LLaVA JSON) or a re-iterable callable (webdataset)."""
+    if config.kind == "easy-vqa":
+        split = load_easy_vqa(config.split)
+        samples = split.samples[: config.limit] if config.limit else split.samples
+        return [Conversation(s.id, [("user", s.question), ("assistant", s.answer)], [split.images[s.image]])
+                for s in samples]
+    if config.kind == "llava-json":
+        if not config.path:
+            raise ConfigError("data.path: the LLaVA JSON file")
+        samples = read_llava_json(config.path, config.image_root, skipped=skipped)
+        return samples[: config.limit] if config.limit else samples
+    if not config.urls:
+        raise ConfigError("data.urls: the webdataset shards")
+
+    def stream():
+        for n, sample in enumerate(read_webdataset(config.urls, skipped=skipped)):
+            if config.limit and n >= config.limit:
+                return
+            yield sample
+
+    return stream
+
+
+def set_trainable(model: ZooModel, patterns: list[str]) -> int:
+    """``requires_grad`` from part names or parameter-name globs (frozen vision experts stay frozen); returns the
+    number of trainable parameters. A pattern that matches nothing is an error naming it."""
+    globs = [p if any(c in p for c in "*?[") else f"{p}.*" for p in patterns]
+    used = set()
+    frozen_vision = {name for name, p in model.vision.named_parameters(prefix="vision") if not p.requires_grad}
+    total = 0
+    for name, param in model.named_parameters():
+        hits = [g for g in globs if fnmatch.fnmatchcase(name, g)]
+        used.update(hits)
+        train = bool(hits) and name not in frozen_vision
+        param.requires_grad_(train)
+        total += param.numel() if train else 0
+    unused = [p for p, g in zip(patterns, globs) if g not in used]
+    if unused:
+        raise ConfigError(f"trainable: {unused} match no parameter (parts: vision, connector, lm; or globs over "
+                          "parameter names such as lm.*.mlp.*)")
+    return total
+
+
+def _environment() -> dict:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    versions = {}
+    for pkg in ("torch", "transformers", "timm", "lightning", "webdataset", "safetensors"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"git_revision": rev, "versions": versions, "zoo": zoo.__version__}
+
+
+def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> ZooModel:
+    """Run every stage of ``recipe`` in ``run_dir`` (see the module docstring); returns the final model."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    info = {**_environment(), "recipe": recipe.name, "stages": {}}
+    import torch
+
+    torch.manual_seed(recipe.seed)
+    model = zoo.build(recipe.model)
+    skipped = SkipCounter()
+    sources = {name: build_source(cfg, skipped) for name, cfg in recipe.data.items()}
+    for i, stage in enumerate(recipe.stages):
+        stage_dir = run_dir / f"{i:02d}-{stage.name}"
+        export = stage_dir / "model"
+        for action in stage.before:
+            ACTIONS.get(action.action, field=f"stages[{i}].before.action")(model, action)
+        if resume and (export / "config.json").exists():
+            from zoo.checkpoint import load_weights
+
+            load_weights(model, export)
+            log.info("stage %s: loaded its export (resume)", stage.name)
+            continue
+        trainable = set_trainable(model, stage.trainable)
+        names = list(stage.data) or list(sources)
+        weights = [stage.data[n] for n in names] if stage.data else None
+        stream = ConversationStream(model, [sources[n] for n in names], weights=weights, template=stage.template,
+                                    seed=recipe.seed + i, epochs=10**6)
+        start = time.perf_counter()
+        train = dataclasses.replace(stage.train, seed=recipe.seed + i)
+        module = fit(model, stream, train, run_dir=stage_dir, progress=progress)
+        seconds = time.perf_counter() - start
+        model.save_pretrained(export)
+        losses = [float(v) for v in module.losses]
+        k = max(1, len(losses) // 5)
+        info["stages"][stage.name] = {
+            "trainable_parameters": trainable, "seconds": round(seconds, 1), "steps": train.steps,
+            "skipped": {reason: len(ids) for reason, ids in stream.skipped.by_reason.items()},
+            "loss_first_fifth": sum(losses[:k]) / k if losses else None,  # mean loss of the first / last fifth
+            "loss_last_fifth": sum(losses[-k:]) / k if losses else None}
+        (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    model.eval()
+    return model
