@@ -348,6 +348,73 @@ class SparsityConfig:
 
 LAYER_RULES = ("every_other_even", "every_other_odd", "first_half", "second_half", "all", "all_but_first")
 
+LORA_MODES = ("single", "moe", "rank_moe", "task")
+
+
+@dataclass
+class LoRAExpertConfig:
+    """LoRA adapters on the LM's linear layers, alone or as routed experts (see `zoo.lm.lora`).
+
+    ``targets``: module-name suffixes of the ``nn.Linear`` layers to wrap (``q_proj`` matches ``...self_attn.q_proj``).
+    ``mode``: ``single`` (plain LoRA of rank ``rank``), ``moe`` (MixLoRA / LLaVA-MoLE: ``n_experts`` LoRAs of rank
+    ``rank_per_expert``, top-``top_k`` router, or all experts softmax-weighted when ``dense_soft``: LoRAMoE),
+    ``rank_moe`` (SMoRA: one LoRA of rank ``total_rank`` whose ranks are experts, ``active_ranks`` per token) or
+    ``task`` (MemLoRA: one adapter of rank ``rank`` per name in ``task_names``, chosen by the caller, no router).
+    ``gate``: ``softmax`` (renormalised over the chosen experts/ranks when ``renorm``, else the raw probabilities)
+    or ``ones`` (chosen experts weigh 1; the router gets no gradient). ``balance``: ``aux`` (Switch loss, weight
+    ``aux_coef``), ``bias`` (aux-loss-free selection bias moved by ``bias_gamma`` after each step) or None.
+    The LoRA scale is ``alpha / rank`` (``rank_per_expert`` for moe, ``active_ranks`` for rank_moe).
+    """
+
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    mode: Literal["single", "moe", "rank_moe", "task"] = "single"
+    rank: int = 8
+    n_experts: int = 8
+    rank_per_expert: int = 8
+    top_k: int = 2
+    renorm: bool = True
+    dense_soft: bool = False
+    total_rank: int = 64
+    active_ranks: int = 8
+    gate: Literal["softmax", "ones"] = "softmax"
+    balance: Literal["aux", "bias"] | None = "aux"
+    aux_coef: float = 0.01
+    bias_gamma: float = 1e-3
+    task_names: list[str] | None = None
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in LORA_MODES:
+            raise ConfigError(f"mode: unknown LoRA mode {self.mode!r}; expected one of {', '.join(LORA_MODES)}")
+        if not self.targets:
+            raise ConfigError("targets: expected at least one module-name suffix, e.g. ['q_proj', 'v_proj']")
+        for name in ("rank", "n_experts", "rank_per_expert", "top_k", "total_rank", "active_ranks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.mode == "moe" and self.top_k > self.n_experts:
+            raise ConfigError(f"top_k: {self.top_k} > n_experts {self.n_experts}")
+        if self.mode == "rank_moe" and self.active_ranks > self.total_rank:
+            raise ConfigError(f"active_ranks: {self.active_ranks} > total_rank {self.total_rank}")
+        if self.gate not in ("softmax", "ones"):
+            raise ConfigError(f"gate: expected 'softmax' or 'ones', got {self.gate!r}")
+        if self.balance not in ("aux", "bias", None):
+            raise ConfigError(f"balance: expected 'aux', 'bias' or None, got {self.balance!r}")
+        if self.mode == "moe" and self.dense_soft and self.balance == "bias":
+            raise ConfigError("balance: 'bias' steers top-k selection, but dense_soft selects every expert")
+        if self.mode == "task":
+            if not self.task_names:
+                raise ConfigError("task_names: mode 'task' needs the adapter names, e.g. ['extract', 'update']")
+            if len(set(self.task_names)) != len(self.task_names):
+                raise ConfigError(f"task_names: duplicate names in {self.task_names}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha: must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.aux_coef < 0 or self.bias_gamma < 0:
+            name = "aux_coef" if self.aux_coef < 0 else "bias_gamma"
+            raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass
 class LMConfig:
