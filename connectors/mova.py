@@ -478,6 +478,6 @@ class MoVAInference:
         targets = targets.masked_fill(mask == 0, -100)
         image = self.encode(pixel_values, [set() for _ in questions], questions, self.connector.routing_tokens)
         sp = model.splice(ids.to(model.device), image.tokens, mask.to(model.device), targets.to(model.device))
-        with model._sparse_masks(sp.image_mask, sp.attention_mask):
+        with model._lm_context(sp.image_mask, sp.attention_mask):
             return model.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                             position_ids=sp.position_ids, labels=sp.labels, use_cache=False).loss

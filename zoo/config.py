@@ -364,6 +364,10 @@ class LoRAExpertConfig:
     or ``ones`` (chosen experts weigh 1; the router gets no gradient). ``balance``: ``aux`` (Switch loss, weight
     ``aux_coef``), ``bias`` (aux-loss-free selection bias moved by ``bias_gamma`` after each step) or None.
     The LoRA scale is ``alpha / rank`` (``rank_per_expert`` for moe, ``active_ranks`` for rank_moe).
+    ``backend``: in a model config, mode ``single`` is peft's LoRA (``peft``, the default) or zoo's own layer
+    (``zoo``, whose `zoo.lm.lora.merge_lora` unmerges bitwise); the other modes are always zoo's.
+
+    ``uses_peft`` tells which one a model builds.
     """
 
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
@@ -383,6 +387,7 @@ class LoRAExpertConfig:
     task_names: list[str] | None = None
     alpha: float = 16.0
     dropout: float = 0.0
+    backend: Literal["zoo", "peft"] | None = None  # None: peft for mode single, zoo for the others
 
     def __post_init__(self) -> None:
         if self.mode not in LORA_MODES:
@@ -411,9 +416,16 @@ class LoRAExpertConfig:
             raise ConfigError(f"alpha: must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.backend == "peft" and self.mode != "single":
+            raise ConfigError(f"backend: peft gives a plain LoRA (mode 'single'); mode {self.mode!r} is zoo's")
         if self.aux_coef < 0 or self.bias_gamma < 0:
             name = "aux_coef" if self.aux_coef < 0 else "bias_gamma"
             raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def uses_peft(self) -> bool:
+        """Whether a model builds this LoRA with peft (plain LoRA, backend peft or unset)."""
+        return self.mode == "single" and self.backend in (None, "peft")
 
 
 @dataclass
@@ -426,6 +438,7 @@ class LMConfig:
     config: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs incl. model_type
     attn_implementation: str | None = None
     sparsity: SparsityConfig | None = None  # sparse FFN layers by policy (zoo.lm.sparse)
+    lora: LoRAExpertConfig | None = None  # LoRA / LoRA experts on the LM's linear layers (zoo.lm.lora)
 
 
 @dataclass

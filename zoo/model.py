@@ -13,12 +13,16 @@ from PIL import Image
 from torch import nn
 
 from zoo.checkpoint import load_weights, read_checkpoint_config, save_checkpoint
-from zoo.config import ModelConfig, SparsityConfig, from_dict
+from zoo.config import LoRAExpertConfig, ModelConfig, SparsityConfig, from_dict
 from zoo.connectors import build_connector
 from zoo.encoders import FusedVision, build_vision, map_pixels, num_images
 from zoo.lm import build_lm, lm_config_dict
+from zoo.lm.lora import apply_lora, gather_lora_aux_losses, gather_lora_routing_stats, lora_context, lora_modules
+from zoo.lm.lora import merge_lora as merge_lora_layers
+from zoo.lm.lora import unmerge_lora as unmerge_lora_layers
+from zoo.lm.lora import update_lora_biases
 from zoo.lm.sparse import gather_aux_losses, gather_routing_stats, modality_mask, sparse_context, sparsify
-from zoo.moe.layer import RoutingStats
+from zoo.moe.layer import RoutingStats, update_router_biases
 from zoo.tokenizer import build_tokenizer
 
 IGNORE_INDEX = -100
@@ -61,7 +65,8 @@ class ZooOutput:
     past_key_values: object | None = None
     image_mask: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None  # of the spliced sequence
-    routing_stats: dict[str, RoutingStats] = field(default_factory=dict)  # per sparse LM layer (lm.layers.{i})
+    routing_stats: dict[str, RoutingStats] = field(default_factory=dict)  # per sparse LM layer (lm.layers.{i}) and
+    # per routed LoRA layer (lm.lora.<module name>)
 
 
 class ZooModel(nn.Module):
@@ -83,6 +88,8 @@ class ZooModel(nn.Module):
         self.connector = build_connector(config.connector, self.vision.width, self.lm.config.hidden_size)
         if config.lm.sparsity is not None:
             sparsify(self.lm, config.lm.sparsity)
+        if config.lm.lora is not None:
+            apply_lora(self.lm, config.lm.lora)
         if config.image_token_id is None:
             if tokenizer is None:
                 raise ValueError("image_token_id: not set and no tokenizer to read it from")
@@ -195,12 +202,14 @@ class ZooModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | dict[str, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 image_index: torch.Tensor | None = None,
-                image_features: torch.Tensor | list[torch.Tensor] | None = None) -> ZooOutput:
+                image_features: torch.Tensor | list[torch.Tensor] | None = None,
+                task: torch.Tensor | list[str] | list[int] | None = None) -> ZooOutput:
         """Logits ``[B, T', V]`` over the spliced sequence; with ``labels``, the loss on unmasked labels.
 
         ``image_index`` ``[N_placeholders]`` (optional) maps each placeholder, in batch order, to a row of
         ``pixel_values``: an image shared by several samples is then encoded once. ``image_features`` replaces
         ``pixel_values`` with the vision tower's output read from a `zoo.encoders.FeatureCache` (frozen vision).
+        ``task`` ``[B]`` (LoRA task adapters, ``lm.lora.mode: task``): each sample's adapter, by name or index.
         A sample whose labels are all -100 raises: it would train on nothing (data pipelines skip such samples).
         """
         if image_features is not None:
@@ -227,7 +236,7 @@ class ZooModel(nn.Module):
             if bool(empty.any()):
                 raise ValueError(f"sample(s) {empty.nonzero().flatten().tolist()} have no supervised token "
                                  "(all labels are -100): the loss would be silently zero for them")
-        with self._sparse_masks(sp.image_mask, sp.attention_mask):
+        with self._lm_context(sp.image_mask, sp.attention_mask, task):
             out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                           position_ids=sp.position_ids, labels=sp.labels, use_cache=False)
         aux = {f"connector.{k}": v for k, v in image_out.aux_losses.items()} if image_out is not None else {}
@@ -239,25 +248,54 @@ class ZooModel(nn.Module):
                 coefficient = coefficients.get(name, coefficients.get(name.rsplit(".", 1)[0], 0.0))
                 if coefficient:
                     loss = loss + coefficient * value
-        policy = self.config.lm.sparsity
-        if policy is not None:
-            lm_aux = gather_aux_losses(self.lm)
-            aux.update({f"lm.{name}": value for name, value in lm_aux.items()})
-            if loss is not None:
-                for name, coefficient in policy.coefficients.items():
-                    if coefficient and name in lm_aux:
-                        loss = loss + coefficient * lm_aux[name]
+        lm_aux, coefficients = self._lm_aux_losses()
+        aux.update({f"lm.{name}": value for name, value in lm_aux.items()})
+        if loss is not None:
+            for name, coefficient in coefficients.items():
+                if coefficient and name in lm_aux:
+                    loss = loss + coefficient * lm_aux[name]
         return ZooOutput(logits=out.logits, loss=loss, lm_loss=out.loss, aux_losses=aux, routing=routing,
                          image_mask=sp.image_mask, attention_mask=sp.attention_mask,
-                         routing_stats=gather_routing_stats(self.lm))
+                         routing_stats=self._lm_routing_stats())
 
-    def _sparse_masks(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None):
-        """Context that hands the modality and padding masks of this LM call to the sparse layers."""
-        policy = self.config.lm.sparsity
-        if policy is None:
-            return contextlib.nullcontext()
-        modality = modality_mask(image_mask, attention_mask, policy.last_image_token_as_text)
-        return sparse_context(self.lm, modality, attention_mask.bool() if attention_mask is not None else None)
+    def _lm_aux_losses(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The LM's unscaled aux losses of the last call (sparse FFNs, LoRA experts) and their coefficients."""
+        losses: dict[str, torch.Tensor] = {}
+        coefficients: dict[str, float] = {}
+        if self.config.lm.sparsity is not None:
+            losses.update(gather_aux_losses(self.lm))
+            coefficients.update(self.config.lm.sparsity.coefficients)
+        if self.config.lm.lora is not None:
+            losses.update(gather_lora_aux_losses(self.lm))
+            coefficients["lora_balance"] = self.config.lm.lora.aux_coef
+        return losses, coefficients
+
+    def _lm_routing_stats(self) -> dict[str, RoutingStats]:
+        stats = gather_routing_stats(self.lm)
+        stats.update({f"lm.lora.{name}": value for name, value in gather_lora_routing_stats(self.lm).items()})
+        return stats
+
+    @contextlib.contextmanager
+    def _lm_context(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None, task=None):
+        """Hands this LM call's modality and padding masks to the sparse layers, and the padding mask and task
+        tags to the LoRA layers (no-ops for a dense LM without LoRA)."""
+        padding = attention_mask.bool() if attention_mask is not None else None
+        with contextlib.ExitStack() as stack:
+            policy = self.config.lm.sparsity
+            if policy is not None:
+                modality = modality_mask(image_mask, attention_mask, policy.last_image_token_as_text)
+                stack.enter_context(sparse_context(self.lm, modality, padding))
+            if self.config.lm.lora is not None:
+                stack.enter_context(lora_context(self.lm, padding, task))
+            elif task is not None:
+                raise ValueError("task: per-sample task tags need LoRA task adapters (lm.lora.mode: task)")
+            yield
+
+    def update_balancing_biases(self) -> int:
+        """The aux-loss-free balancing step of every bias-balanced router (``sigmoid_bias`` MoE routers, LoRA
+        experts with ``balance: bias``), over the load counted since the last call; call it after each optimiser
+        step (`zoo.train` does). Returns how many routers moved."""
+        return update_router_biases(self) + update_lora_biases(self)
 
     def sparsify(self, policy: SparsityConfig | dict) -> list[int]:
         """Make the LM sparse by ``policy`` in place (e.g. upcycle after a dense stage); the config records it so
@@ -269,6 +307,26 @@ class ZooModel(nn.Module):
         layers = sparsify(self.lm, policy)
         self.config.lm.sparsity = policy
         return sorted(layers)
+
+    def add_lora(self, config: LoRAExpertConfig | dict) -> list[str]:
+        """Put LoRA (or LoRA experts) on the LM's linear layers in place, freezing the rest of the LM (e.g. at a
+        stage boundary); the config records it so checkpoints rebuild it. Returns the wrapped module names."""
+        if isinstance(config, dict):
+            config = from_dict(LoRAExpertConfig, config, path="lm.lora")
+        if self.config.lm.lora is not None:
+            raise ValueError("lm.lora: the model already has LoRA layers")
+        layers = apply_lora(self.lm, config)
+        self.config.lm.lora = config
+        return sorted(layers)
+
+    def merge_lora(self) -> int:
+        """Fold zoo LoRA layers (modes single and task's active adapter) into the base weights for deployment;
+        `unmerge_lora` restores them bitwise. Routed modes raise. Returns the number of layers."""
+        return merge_lora_layers(self.lm)
+
+    def unmerge_lora(self) -> int:
+        """Undo `merge_lora` exactly; returns the number of LoRA layers."""
+        return unmerge_lora_layers(self.lm)
 
     # ------------------------------------------------------------------ prompts and generation
     def encode_prompt(self, question: str) -> list[int]:
@@ -283,10 +341,10 @@ class ZooModel(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor | dict[str, torch.Tensor] | None, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, max_new_tokens: int = 16,
-                 image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                 image_embeds: torch.Tensor | None = None, task=None) -> torch.Tensor:
         """Greedy decoding with the KV cache from left-padded prompts; returns new ids ``[B, <=max_new_tokens]``
         (pad after EOS). ``image_embeds`` ``[N, L, d_lm]`` replaces ``pixel_values`` with image blocks computed by
-        the caller (MoVA's two passes)."""
+        the caller (MoVA's two passes). ``task``: per-sample LoRA task tags, as in `forward`."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
         if pixel_values is not None and image_embeds is not None:
@@ -297,7 +355,7 @@ class ZooModel(nn.Module):
             image_out = self.encode_images(pixel_values)
             image_embeds, positions = image_out.tokens, image_out.routing.get("position_ids")
         sp = self.splice(input_ids, image_embeds, attention_mask, padding_side="left", image_positions=positions)
-        with self._sparse_masks(sp.image_mask, sp.attention_mask):
+        with self._lm_context(sp.image_mask, sp.attention_mask, task):
             out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                           position_ids=sp.position_ids, use_cache=True)
         mask, position = sp.attention_mask, sp.position_ids[:, -1:]
@@ -313,7 +371,7 @@ class ZooModel(nn.Module):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             position = position + 1
             text = torch.zeros_like(token, dtype=torch.bool).unsqueeze(1)  # generated tokens are text
-            with self._sparse_masks(text, None):
+            with self._lm_context(text, None, task):
                 out = self.lm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
                               past_key_values=out.past_key_values, use_cache=True)
         return torch.stack(steps, 1)
@@ -362,8 +420,16 @@ class ZooModel(nn.Module):
         return config
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer files to `directory`."""
-        return save_checkpoint(self, directory)
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer files to `directory`. Merged zoo LoRA
+        layers are saved unmerged (W0 and the factors), as the config rebuilds them."""
+        merged = [layer for layer in lora_modules(self.lm).values() if layer.merged]
+        for layer in merged:
+            layer.unmerge()
+        try:
+            return save_checkpoint(self, directory)
+        finally:
+            for layer in merged:
+                layer.merge()
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> ZooModel:

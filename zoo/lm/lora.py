@@ -91,6 +91,8 @@ class LoRARouter(nn.Module):
         """Aux-loss-free balancing: b_j += gamma * sign(mean load - load_j) over the load counted since the last
         update (the last forward when called after every step); resets the count and returns the load used."""
         load = self.load.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)  # every rank moves its bias by the global load: biases stay equal
         if load.sum() > 0:
             self.bias += gamma * torch.sign(load.mean() - load)
         self.load.zero_()
@@ -281,6 +283,18 @@ class LoRAExpertLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode}, ranks={self.lora_rank}, scaling={self.scaling:g}, merged={self.merged}"
 
+    def active_parameters(self) -> int:
+        """Parameters one token runs through (see `zoo.params`): W0, the router, and the chosen share of the
+        factors: top_k of n_experts (moe; all with dense_soft), active_ranks of total_rank (rank_moe), one task's
+        adapter (task), all of them (single)."""
+        total = sum(p.numel() for p in self.parameters())
+        factors = sum(p.numel() for p in self._params(self.lora_A) + self._params(self.lora_B))
+        c = self.config
+        share = {"moe": (c.n_experts if c.dense_soft else c.top_k, c.n_experts),
+                 "rank_moe": (c.active_ranks, c.total_rank),
+                 "task": (1, len(c.task_names or [None]))}.get(self.mode, (1, 1))
+        return total - factors + factors * share[0] // share[1]
+
     @property
     def lora_rank(self) -> int:
         """Total rank R of the flat factors (all experts', ranks' or the active adapter's)."""
@@ -332,6 +346,26 @@ def apply_peft_lora(lm: nn.Module, cfg: LoRAExpertConfig) -> nn.Module:
 
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=cfg.dropout)
     return inject_adapter_in_model(config, lm)
+
+
+def apply_lora(lm: nn.Module, cfg: LoRAExpertConfig | dict, context: LoRAContext | None = None
+               ) -> dict[str, nn.Module]:
+    """The LoRA of a model config on ``lm``, in place: peft's plain LoRA when ``cfg.uses_peft``, else
+    `apply_lora_experts`. Either way only the LoRA factors (and routers) of the LM stay trainable. Returns the
+    wrapped layers by module name."""
+    if isinstance(cfg, dict):
+        cfg = from_dict(LoRAExpertConfig, cfg, path="lm.lora")
+    if not cfg.uses_peft:
+        return apply_lora_experts(lm, cfg, context)
+    lm.requires_grad_(False)
+    apply_peft_lora(lm, cfg)
+    from peft.tuners.lora import LoraLayer
+
+    layers = {name: m for name, m in lm.named_modules() if isinstance(m, LoraLayer)}
+    for layer in layers.values():
+        for name, param in layer.named_parameters():
+            param.requires_grad_(name.startswith(("lora_A", "lora_B")))
+    return layers
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRAExpertLinear]:

@@ -198,6 +198,8 @@ class SigmoidBiasRouter(Router):
         """
         rate = self.config.bias_update_rate if rate is None else rate
         load = self.load.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)  # every rank moves its bias by the global load: biases stay equal
         if load.sum() > 0:
             self.bias += rate * torch.sign(load.mean() - load)
         self.load.zero_()
