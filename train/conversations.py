@@ -350,6 +350,8 @@ class ConversationStream(IterableDataset):
         self.seed, self.epochs, self.warn_ratio = seed, epochs, warn_ratio
         self.skipped = SkipCounter()
         self.seen = 0
+        self.start = {"raw": 0, "valid": 0, "valid_end": 0}  # where iteration begins (`load_state_dict`)
+        self.report_position = False  # batches carry ``data_position`` (`fit` turns it on for checkpoints)
 
     def _iterate(self, source) -> Iterator[Conversation]:
         return iter(source() if callable(source) else source)
@@ -367,35 +369,64 @@ class ConversationStream(IterableDataset):
                     live.pop(i)
 
     def encode(self, sample: Conversation):
-        """One item, or raises `BadSample`."""
+        """One item ``(id, input_ids, labels, pixels)``, or raises `BadSample`."""
         encoded = encode_conversation(self.model, sample, self.template)
         pixels = None
         if sample.images:
             pixels = self.model.vision.preprocess([load_image(im) for im in sample.images])
         return sample.id, encoded.input_ids, encoded.labels, pixels
 
+    def state_dict(self, position: dict | None = None) -> dict:
+        """The resume state: ``position`` (a batch's ``data_position``: where the next unconsumed sample starts) and
+        the skip counter."""
+        return {"position": dict(position or self.start), "skipped": self.skipped.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the position of `state_dict`: earlier samples are passed over without being decoded."""
+        self.start = {"raw": 0, "valid": 0, "valid_end": 0, **state["position"]}
+        self.skipped.load_state_dict(state["skipped"])
+
     def __iter__(self):
+        """Items ``(id, input_ids, labels, pixels, (raw index, valid index))``. Under ``torch.distributed`` each rank
+        takes every world-size-th good sample, so one global batch holds the same samples whatever the number of
+        ranks (every rank reads, and encodes, the whole stream); DataLoader workers split the raw samples."""
         info = torch.utils.data.get_worker_info()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        if info is not None and info.num_workers > 1 and self.start["raw"]:
+            raise ValueError("resume: a ConversationStream resumes exactly only with num_workers 0")
+        valid = self.start["valid"]
         for n, sample in enumerate(self.samples()):
+            if n < self.start["raw"]:
+                continue  # consumed before the checkpoint
             if info is not None and n % info.num_workers != info.id:
                 continue  # DataLoader workers share the stream: each takes every num_workers-th sample
             self.seen += 1
             try:
-                yield self.encode(sample)
+                item = self.encode(sample)
             except BadSample as e:
                 self.skipped.skip(str(e), sample.id)
+                continue
+            v, valid = valid, valid + 1
+            if v >= self.start["valid_end"] and v % world == rank:
+                yield (*item, (n, v))
         if self.seen and self.skipped.total > self.warn_ratio * self.seen:
             log.warning("%d of %d samples skipped (%s)", self.skipped.total, self.seen,
                         ", ".join(f"{k}: {len(v)}" for k, v in self.skipped.by_reason.items()))
 
     def collate(self, batch) -> dict:
-        """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` and the images of the batch in placeholder
-        order (text-only samples contribute none)."""
+        """Right-padded ``input_ids`` / ``attention_mask`` / ``labels``, the images of the batch in placeholder
+        order (text-only samples contribute none); with ``report_position``, ``data_position`` (where the stream
+        continues after this batch; the training module pops it and checkpoints it)."""
         pad = self.model.tokenizer.pad_token_id
-        input_ids, mask = pad_token_ids([ids for _, ids, _, _ in batch], pad, "right")
-        labels, _ = pad_token_ids([lab for _, _, lab, _ in batch], IGNORE_INDEX, "right")
+        input_ids, mask = pad_token_ids([item[1] for item in batch], pad, "right")
+        labels, _ = pad_token_ids([item[2] for item in batch], IGNORE_INDEX, "right")
         out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-        pixels = [p for _, _, _, p in batch if p is not None]
+        if self.report_position:  # where the next batch starts, for exact resume (`state_dict`)
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            n, v = batch[-1][4]
+            out["data_position"] = {"raw": n + 1, "valid": v + 1, "valid_end": (v // world + 1) * world}
+        pixels = [item[3] for item in batch if item[3] is not None]
         if pixels:
             if isinstance(pixels[0], dict):
                 out["pixel_values"] = {k: torch.cat([p[k] for p in pixels]) for k in pixels[0]}

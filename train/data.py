@@ -56,18 +56,36 @@ def load_easy_vqa(split: str = "train") -> VQASplit:
 
 
 class SkipCounter:
-    """Counts skipped samples by reason and remembers their ids (logged, never silent)."""
+    """Counts skipped samples by reason and remembers their ids (logged, never silent). A sample skipped again for
+    the same reason (a later epoch, or a replay after resuming) is counted once."""
 
     def __init__(self):
         self.by_reason: dict[str, list[str]] = {}
+        self._seen: set[tuple[str, str]] = set()
 
     def skip(self, reason: str, sample_id: str) -> None:
+        if self._add(reason, sample_id):
+            log.warning("skipping sample %s: %s", sample_id, reason)
+
+    def _add(self, reason: str, sample_id: str) -> bool:
+        if (reason, sample_id) in self._seen:
+            return False
+        self._seen.add((reason, sample_id))
         self.by_reason.setdefault(reason, []).append(sample_id)
-        log.warning("skipping sample %s: %s", sample_id, reason)
+        return True
 
     @property
     def total(self) -> int:
         return sum(len(v) for v in self.by_reason.values())
+
+    def state_dict(self) -> dict[str, list[str]]:
+        return {reason: list(ids) for reason, ids in self.by_reason.items()}
+
+    def load_state_dict(self, state: dict[str, list[str]]) -> None:
+        self.by_reason, self._seen = {}, set()
+        for reason, ids in state.items():
+            for sample_id in ids:
+                self._add(reason, sample_id)
 
 
 Item = tuple[int, list[int], list[tuple[int, int]]]  # (image, token ids, supervised [start, end) spans)

@@ -1,4 +1,5 @@
-"""The Lightning module and a one-stage ``fit`` for a :class:`~zoo.model.ZooModel`."""
+"""The Lightning module and a one-stage ``fit`` for a :class:`~zoo.model.ZooModel`: strategies by name, precision,
+gradient accumulation and checkpointing, periodic checkpoints and exact resume (see `zoo.train.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from zoo.model import ZooModel
+from zoo.config import ConfigError
+from zoo.model import IGNORE_INDEX, ZooModel
 
 from .data import ImageGroupedBatchSampler
 
@@ -34,28 +36,55 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     log_every: int = 25
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 (`zoo.train.strategy`)
+    devices: int | str = 1  # per node; "auto" takes every visible device
+    num_nodes: int = 1
+    precision: str = "32-true"  # any Lightning precision: bf16-mixed, 16-mixed, bf16-true, ...
+    accumulate_grad_batches: int = 1  # the optimizer steps every N batches (``batch_size`` is per device)
+    gradient_checkpointing: bool = False  # recompute the LM's decoder layers in the backward pass
+    checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0: never; needs a run dir)
 
 
 class ZooLightningModule(L.LightningModule):
     """Trains a ZooModel on batches of ``input_ids``/``attention_mask``/``labels``/``pixel_values``.
 
     The loss is the model's (LM cross-entropy + weighted aux losses); each aux term is logged on its own.
-    Frozen parameters are kept out of the optimizer.
+    Frozen parameters are kept out of the optimizer. Under data parallelism the LM loss is weighted by each rank's
+    share of the supervised tokens of the global batch, so training (and the logged loss) equals one process
+    training on the whole global batch. A batch's ``data_position`` (streams) is remembered for checkpoints.
     """
 
     def __init__(self, model: ZooModel, config: TrainConfig):
         super().__init__()
         self.model = model
         self.config = config
-        self.losses: list[torch.Tensor] = []  # per optimizer step (detached; no device sync while training)
+        self.losses: list[torch.Tensor] = []  # per batch, global (detached; no device sync while training)
+        self.data_position: dict | None = None  # where the data continues after the last batch trained on
+        self.last_output = None  # the last forward's ZooOutput (routing callbacks read it)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        position = batch.pop("data_position", None)
         out = self.model(**batch)
-        self.losses.append(out.loss.detach())
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        loss, lm_loss = out.loss, out.lm_loss
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and lm_loss is not None:
+            # DDP averages the ranks' gradients: scale each rank's token-mean by its share of the global tokens
+            tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(lm_loss.dtype)
+            total = self.trainer.strategy.reduce(tokens.detach(), reduce_op="sum")
+            loss = loss - lm_loss + lm_loss * tokens * world / total
+        reported = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if world > 1 else loss.detach()
+        self.losses.append(reported)
+        self.last_output = out
+        self.data_position = position
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", reported, prog_bar=True, batch_size=size)
         for name, value in out.aux_losses.items():
-            self.log(f"train/aux/{name}", value, batch_size=batch["input_ids"].shape[0])
-        return out.loss
+            self.log(f"train/aux/{name}", value, batch_size=size)
+        return loss
+
+    def on_before_zero_grad(self, optimizer) -> None:
+        # right after each optimiser step (once per accumulated step): the aux-loss-free balancing of bias routers
+        self.model.update_balancing_biases()
 
     def configure_optimizers(self):
         cfg = self.config
@@ -85,8 +114,18 @@ class ZooLightningModule(L.LightningModule):
 
 
 def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | None = None,
-        progress: bool = True) -> ZooLightningModule:
-    """Train `model` in place on `dataset` (which provides ``collate``) for ``config.steps`` optimizer steps."""
+        progress: bool = True, resume: bool = False, callbacks: list[L.Callback] | None = None
+        ) -> ZooLightningModule:
+    """Train `model` in place on `dataset` (which provides ``collate``) for ``config.steps`` optimizer steps.
+
+    ``run_dir``: ``metrics.csv`` and, with ``config.checkpoint_every``, ``checkpoints/step-NNNNNNNN`` (safetensors +
+    JSON; see `zoo.train.checkpoint`). ``resume``: continue from the newest checkpoint there, if any; with a
+    resumable dataset (`ConversationStream`) the result is bitwise the one of an uninterrupted run on CPU.
+    ``callbacks``: more Lightning callbacks (e.g. `zoo.train.routing.RoutingMonitor`).
+    """
+    from .checkpoint import PeriodicCheckpoint, ResumeState, SafetensorsCheckpointIO, latest_checkpoint
+    from .strategy import build_strategy, enable_gradient_checkpointing
+
     L.seed_everything(config.seed, workers=True, verbose=False)
     workers = {"num_workers": config.num_workers, "persistent_workers": config.num_workers > 0,
                "collate_fn": dataset.collate}
@@ -102,14 +141,34 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
         loader = DataLoader(dataset, batch_sampler=sampler, **workers)
     else:
         loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, **workers)
+    checkpoints = Path(run_dir) / "checkpoints" if run_dir else None
+    resume_from = latest_checkpoint(checkpoints) if resume and checkpoints else None
+    if resume_from is not None and not hasattr(dataset, "load_state_dict"):
+        raise ValueError(f"resume: {type(dataset).__name__} cannot restore its position; exact resume needs a "
+                         "resumable dataset such as ConversationStream")
+    if hasattr(dataset, "report_position"):
+        dataset.report_position = True  # its batches say where the data continues; checkpoints record it
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     module = ZooLightningModule(model, config)
     logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="") if run_dir else False
-    trainer = L.Trainer(max_steps=config.steps, accelerator="auto", devices=1, logger=logger,
+    extra = [ResumeState(dataset)]
+    if config.checkpoint_every:
+        if checkpoints is None:
+            raise ValueError("checkpoint_every: periodic checkpoints need a run directory")
+        if config.strategy.startswith("deepspeed"):
+            raise ConfigError("train.checkpoint_every: DeepSpeed writes its own pickled checkpoints, which zoo does "
+                              "not load; use strategy ddp or fsdp for resumable runs")
+        extra.append(PeriodicCheckpoint(checkpoints, config.checkpoint_every))
+    trainer = L.Trainer(max_steps=config.steps, accelerator="auto", devices=config.devices,
+                        num_nodes=config.num_nodes, strategy=build_strategy(config.strategy, model),
+                        precision=config.precision, accumulate_grad_batches=config.accumulate_grad_batches,
+                        plugins=[SafetensorsCheckpointIO()], logger=logger, callbacks=extra + list(callbacks or []),
                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                         gradient_clip_val=config.grad_clip or None, log_every_n_steps=config.log_every,
                         num_sanity_val_steps=0, deterministic=False)
     with warnings.catch_warnings():
         # frozen vision experts stay in eval mode on purpose (VisionExpert.train); Lightning warns about it
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, loader)
+        trainer.fit(module, loader, ckpt_path=str(resume_from) if resume_from is not None else None)
     return module

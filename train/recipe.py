@@ -6,8 +6,11 @@ mix, trainable parameters, optimisation, actions at the stage boundary such as u
 
 or ``zoo train configs/recipes/moe-llava-tiny.yaml --set stages.0.train.steps=10``. The run directory holds
 ``recipe.yaml`` (resolved), ``run.json`` (git revision, package versions, timings), and per stage ``NN-name/``
-with ``metrics.csv`` and ``model/`` (a `save_pretrained` export). With ``resume=True`` finished stages (their export
-present) are loaded instead of trained again.
+with ``metrics.csv``, ``routing.csv`` / ``routing.png`` (expert load per layer, for models that route),
+``checkpoints/`` while the stage trains (every ``train.checkpoint_every`` steps), ``model/`` (a `save_pretrained`
+export) and ``stage.json`` (written last: the stage is done). With ``resume=True`` finished stages are loaded from
+their exports and an unfinished one continues from its newest checkpoint, ending bitwise where an uninterrupted run
+ends (on CPU).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import dataclasses
 import fnmatch
 import json
 import logging
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -55,12 +60,15 @@ class SourceConfig:
 @dataclass
 class ActionConfig:
     """An action at the start of a stage: ``sparsify`` (the LM, by ``policy``: a `SparsityConfig` mapping or preset),
-    ``load`` (weights of a zoo checkpoint at ``path`` into the model), or any action registered in `ACTIONS`."""
+    ``co_upcycle`` (the connector into MoE experts copied from it; ``policy``: ``connector.moe`` settings,
+    ``options``: MoCHA options, ``coefficients``: aux-loss weights, default the new connector's), ``load`` (weights
+    of a zoo checkpoint at ``path`` into the model), or any action registered in `ACTIONS`."""
 
     action: str
     policy: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    coefficients: dict[str, float] | None = None
 
 
 @dataclass
@@ -82,11 +90,12 @@ class RecipeConfig:
     """A whole training recipe (see the module docstring)."""
 
     name: str
-    model: str
+    model: str  # a catalogue name or a model YAML path
     data: dict[str, SourceConfig]
     stages: list[StageConfig]
     seed: int = 0
     description: str = ""
+    model_overrides: list[str] = field(default_factory=list)  # ``key=value`` on the model config: lm.sparsity=null
 
     def __post_init__(self):
         names = [s.name for s in self.stages]
@@ -118,6 +127,33 @@ def _load(model: ZooModel, action: ActionConfig) -> None:
     if not action.path:
         raise ConfigError("before.path: the checkpoint directory to load")
     load_weights(model, Path(action.path))
+
+
+@ACTIONS.register("co_upcycle")
+def _co_upcycle(model: ZooModel, action: ActionConfig) -> None:
+    """CuMo's co-upcycling: a dense ``mlp`` connector becomes ``moe_mlp`` (one vision expert), per-expert ``mlp``
+    connectors become MoCHA's ``mocha`` connector (sequence-fused experts); every expert starts as a copy of the
+    trained MLP, routers are new, and the model config records the new connector (exports rebuild it)."""
+    from zoo.connectors.base import PerExpertConnector
+    from zoo.connectors.mlp import MLPProjector
+    from zoo.connectors.mocha import upcycle_mocha
+    from zoo.connectors.moe_mlp import upcycle_connector
+
+    old = model.connector
+    if isinstance(old, MLPProjector):
+        if action.options:
+            raise ConfigError("before.options: co-upcycling one mlp connector into moe_mlp takes no options")
+        new = upcycle_connector(old, **action.policy)
+    elif isinstance(old, PerExpertConnector) and all(isinstance(c, MLPProjector) for c in old.connectors):
+        new = upcycle_mocha(old, options=action.options, **action.policy)
+    else:
+        raise ConfigError(f"before.action: co_upcycle needs an mlp connector or per-expert mlp connectors; the "
+                          f"model's connector is {model.config.connector.kind!r} ({type(old).__name__})")
+    coefficients = action.coefficients if action.coefficients is not None else type(new).default_coefficients
+    new.config = dataclasses.replace(new.config, coefficients=dict(coefficients))
+    model.connector = new
+    model.config.connector = new.config
+    log.info("co-upcycled the connector into %s (%s)", new.config.kind, new.moe)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -154,6 +190,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
         return from_dict(RecipeConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
+
+
+def build_model(recipe: RecipeConfig) -> ZooModel:
+    """The recipe's starting model: its catalogue entry with ``model_overrides`` applied."""
+    from zoo.config import ModelConfig
+
+    config = zoo.get_config(recipe.model)
+    if recipe.model_overrides:
+        try:
+            config = ModelConfig.from_dict(apply_overrides(config.to_dict(), recipe.model_overrides))
+        except ConfigError as e:
+            raise ConfigError(f"model_overrides: {e}") from e
+    return zoo.build(config)
 
 
 def build_source(config: SourceConfig, skipped: SkipCounter):
@@ -215,37 +264,46 @@ def _environment() -> dict:
     return {"git_revision": rev, "versions": versions, "zoo": zoo.__version__}
 
 
+def _stage_stream(model: ZooModel, recipe: RecipeConfig, stage: StageConfig, index: int, sources: dict):
+    names = list(stage.data) or list(sources)
+    weights = [stage.data[n] for n in names] if stage.data else None
+    return ConversationStream(model, [sources[n] for n in names], weights=weights, template=stage.template,
+                              seed=recipe.seed + index, epochs=10**6)
+
+
 def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> ZooModel:
     """Run every stage of ``recipe`` in ``run_dir`` (see the module docstring); returns the final model."""
+    import torch
+
+    from .routing import RoutingMonitor
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     info = {**_environment(), "recipe": recipe.name, "stages": {}}
-    import torch
-
     torch.manual_seed(recipe.seed)
-    model = zoo.build(recipe.model)
+    model = build_model(recipe)
     skipped = SkipCounter()
     sources = {name: build_source(cfg, skipped) for name, cfg in recipe.data.items()}
     for i, stage in enumerate(recipe.stages):
         stage_dir = run_dir / f"{i:02d}-{stage.name}"
-        export = stage_dir / "model"
+        export, done = stage_dir / "model", stage_dir / "stage.json"
+        torch.manual_seed(recipe.seed + i)  # actions draw the same numbers whether earlier stages ran or were loaded
         for action in stage.before:
             ACTIONS.get(action.action, field=f"stages[{i}].before.action")(model, action)
-        if resume and (export / "config.json").exists():
+        if resume and done.exists():
             from zoo.checkpoint import load_weights
 
             load_weights(model, export)
+            info["stages"][stage.name] = json.loads(done.read_text())
             log.info("stage %s: loaded its export (resume)", stage.name)
             continue
         trainable = set_trainable(model, stage.trainable)
-        names = list(stage.data) or list(sources)
-        weights = [stage.data[n] for n in names] if stage.data else None
-        stream = ConversationStream(model, [sources[n] for n in names], weights=weights, template=stage.template,
-                                    seed=recipe.seed + i, epochs=10**6)
+        stream = _stage_stream(model, recipe, stage, i, sources)
+        monitor = RoutingMonitor(stage_dir, title=f"{recipe.name} / {stage.name}")
         start = time.perf_counter()
         train = dataclasses.replace(stage.train, seed=recipe.seed + i)
-        module = fit(model, stream, train, run_dir=stage_dir, progress=progress)
+        module = fit(model, stream, train, run_dir=stage_dir, progress=progress, resume=resume, callbacks=[monitor])
         seconds = time.perf_counter() - start
         model.save_pretrained(export)
         losses = [float(v) for v in module.losses]
@@ -254,7 +312,13 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, 
             "trainable_parameters": trainable, "seconds": round(seconds, 1), "steps": train.steps,
             "skipped": {reason: len(ids) for reason, ids in stream.skipped.by_reason.items()},
             "loss_first_fifth": sum(losses[:k]) / k if losses else None,  # mean loss of the first / last fifth
-            "loss_last_fifth": sum(losses[-k:]) / k if losses else None}
+            "loss_last_fifth": sum(losses[-k:]) / k if losses else None,
+            "routing": monitor.summary()}
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info["stages"][stage.name], indent=2) + "\n")
+        os.replace(tmp, done)  # the stage counts as done only once its export is complete
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
         (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     model.eval()
     return model
