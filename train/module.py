@@ -70,9 +70,11 @@ class ZooLightningModule(L.LightningModule):
         if world > 1 and lm_loss is not None:
             # DDP averages the ranks' gradients: scale each rank's token-mean by its share of the global tokens
             tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(lm_loss.dtype)
-            total = self.trainer.strategy.reduce(tokens.detach(), reduce_op="sum")
+            total = self.trainer.strategy.reduce(tokens.clone(), reduce_op="sum")  # (reduces in place)
             loss = loss - lm_loss + lm_loss * tokens * world / total
-        reported = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if world > 1 else loss.detach()
+        reported = loss.detach().clone()
+        if world > 1:
+            reported = self.trainer.strategy.reduce(reported, reduce_op="mean")
         self.losses.append(reported)
         self.last_output = out
         self.data_position = position
