@@ -6,6 +6,7 @@ test_model.py.
 """
 
 import io
+import warnings
 import json
 
 import open_clip
@@ -276,6 +277,16 @@ def test_expert_config_overrides_and_unknown_names():
         expert_config("dinov2-vit-l-14", image_sise=224)
 
 
+def _huge_header_png():
+    """A PNG whose header claims 12000 x 12000 pixels (a decompression bomb); PIL opens it lazily, so only the
+    header is read."""
+    buffer = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buffer, "PNG")  # 1-bit: a few hundred KB compressed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(buffer.getvalue()))
+
+
 def _truncated_png():
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 20, 30)).save(buffer, "PNG")
@@ -286,6 +297,7 @@ def _truncated_png():
     (lambda: Image.new("RGB", (1, 1)), ValueError, r"image 1: 1x1 pixels is too small"),
     (lambda: Image.new("RGB", (0, 0)), ValueError, r"image 1: 0x0 pixels is too small"),
     (lambda: Image.new("L", (300, 1)), ValueError, r"image 1: 300x1 pixels is too small"),
+    (lambda: _huge_header_png(), ValueError, r"image 1: 12000x12000 pixels is too large"),
     (_truncated_png, ValueError, r"image 1: cannot decode the image data \(OSError: image file is truncated"),
     (lambda: b"\x89PNG", TypeError, r"image 1: expected a PIL\.Image, got bytes"),
 ])
