@@ -81,3 +81,68 @@ def test_multi_turn_packing_supervises_every_answer_of_the_image(easy_vqa):
         assert torch.isfinite(model(**batch).loss)
     again = ds[0]
     assert again[0] == ds.image_of(0)
+
+
+# --- strategies, precision, gradient checkpointing ------------------------------------------------------------
+
+def test_strategies_by_name_and_their_errors():
+    import importlib.util
+
+    from zoo.config import ConfigError
+    from zoo.train.strategy import build_strategy, frozen_parts
+
+    config = tiny_config()
+    config.vision.frozen = True
+    model = zoo.build(config)
+    assert build_strategy("auto", model) == "auto"
+    assert frozen_parts(model) == [model.vision]
+    with pytest.raises(ConfigError, match=r"^train\.strategy: expected one of auto, ddp, fsdp, deepspeed_stage_2"):
+        build_strategy("zero2", model)
+    fsdp = build_strategy("fsdp", model, require_device=False)
+    assert fsdp.kwargs["ignored_modules"] == [model.vision]  # the frozen tower stays out of the flat parameters
+    assert fsdp.kwargs["use_orig_params"] and {c.__name__ for c in fsdp._fsdp_kwargs_wrap_policy()} == {
+        "LlamaDecoderLayer"} if hasattr(fsdp, "_fsdp_kwargs_wrap_policy") else fsdp.kwargs["use_orig_params"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"'fsdp' runs on CUDA devices only"):
+            build_strategy("fsdp", model)
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ConfigError, match=r"'deepspeed_stage_3' needs DeepSpeed, which is not installed"):
+            build_strategy("deepspeed_stage_3", model)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(easy_vqa):
+    from zoo.train import VQATrainingSet
+    from zoo.train.strategy import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    model = zoo.build(tiny_config())
+    split = type(easy_vqa["train"])(easy_vqa["train"].images, easy_vqa["train"].samples[:8])
+    ds = VQATrainingSet(model, split)
+    batch = ds.collate([ds[i] for i in range(8)])
+
+    def grads():
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    plain = grads()
+    enable_gradient_checkpointing(model)
+    assert model.lm.is_gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_steps_every_n_batches(easy_vqa):
+    from zoo.train import VQATrainingSet, fit
+
+    torch.manual_seed(0)
+    model = zoo.build(tiny_config())
+    split = type(easy_vqa["train"])(easy_vqa["train"].images, easy_vqa["train"].samples[:256])
+    config = TrainConfig(steps=6, batch_size=16, lr=3e-3, accumulate_grad_batches=2)
+    module = fit(model, VQATrainingSet(model, split), config, progress=False)
+    assert len(module.losses) == 12  # 6 optimizer steps x 2 accumulated batches
+    assert module.trainer.global_step == 6
+    assert float(module.losses[-1]) < float(module.losses[0])

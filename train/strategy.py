@@ -29,8 +29,9 @@ def has_routing(model: nn.Module) -> bool:
     return any("router" in name for name, _ in model.named_parameters())
 
 
-def build_strategy(name: str, model: ZooModel):
-    """The Lightning strategy for ``name`` (one of `STRATEGIES`); errors name the field and the choices."""
+def build_strategy(name: str, model: ZooModel, require_device: bool = True):
+    """The Lightning strategy for ``name`` (one of `STRATEGIES`); errors name the field and the choices.
+    ``require_device=False`` builds a strategy even where it could not run (to inspect it)."""
     if name not in STRATEGIES:
         raise ConfigError(f"train.strategy: expected one of {', '.join(STRATEGIES)}, got {name!r}")
     if name == "auto":
@@ -40,7 +41,11 @@ def build_strategy(name: str, model: ZooModel):
 
         return DDPStrategy(find_unused_parameters=has_routing(model))
     if name == "fsdp":
+        import torch
         from lightning.pytorch.strategies import FSDPStrategy
+
+        if require_device and not torch.cuda.is_available():
+            raise ConfigError("train.strategy: 'fsdp' runs on CUDA devices only (Lightning's FSDP); on CPU use 'ddp'")
 
         decoder_layers = {type(m) for m in model.lm.modules() if type(m).__name__.endswith("DecoderLayer")}
         return FSDPStrategy(auto_wrap_policy=decoder_layers or None, use_orig_params=True,
