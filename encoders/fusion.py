@@ -101,7 +101,8 @@ class FusedVision(nn.Module):
             self.width = [e.width for e in self.experts]
             counts = [e.num_tokens - g[0] * g[1] + t[0] * t[1] for e, g, t in zip(self.experts, grids, self.grids_out)]
             self.num_tokens = sum(counts)
-            ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+            # built on the CPU (a small index buffer) so that models also build on the meta device
+            ids = torch.repeat_interleave(torch.arange(len(counts), device="cpu"), torch.tensor(counts, device="cpu"))
         self.register_buffer("expert_ids", ids, persistent=False)
 
     @property
