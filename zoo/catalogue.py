@@ -27,13 +27,31 @@ def _scan() -> None:
             CATALOGUE.register(path.stem, path)
 
 
-def list_models(family: str | None = None) -> list[str]:
-    """Catalogue names (including the ``-tiny`` twins), optionally only those of one `family`."""
+TINY_SUFFIX = "-tiny"
+
+
+def list_models(family: str | None = None, tiny: bool | None = None) -> list[str]:
+    """Catalogue names, optionally only those of one `family` (``llava``, ``moe-llava``, ``cumo``, ``mova``,
+    ``mocha``, ``moiie``, ``deepseek-moe``, ``bigmac``); ``tiny=True`` keeps only the ``-tiny`` twins, ``False`` only
+    the real-size entries. An unknown family is an error listing the known ones."""
     _scan()
     names = CATALOGUE.names()
+    if tiny is not None:
+        names = [n for n in names if n.endswith(TINY_SUFFIX) == tiny]
     if family is None:
         return names
-    return [n for n in names if ModelConfig.from_file(CATALOGUE.get(n)).family == family]
+    families = {n: ModelConfig.from_file(CATALOGUE.get(n)).family for n in CATALOGUE.names()}
+    if family not in families.values():
+        raise UnknownPartError(f"family: unknown model family {family!r}; known: "
+                               f"{', '.join(sorted(set(families.values())))}")
+    return [n for n in names if families[n] == family]
+
+
+def twin_of(name: str) -> str | None:
+    """The real-size entry a ``-tiny`` twin mirrors (None for an entry that is not a twin of one)."""
+    _scan()
+    base = name.removesuffix(TINY_SUFFIX)
+    return base if name.endswith(TINY_SUFFIX) and base in CATALOGUE else None
 
 
 def get_config(name_or_path: str | Path | ModelConfig) -> ModelConfig:

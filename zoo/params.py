@@ -7,12 +7,16 @@ ParamCounts(total=..., active=..., parts={'vision': (...), 'connector': (...), '
 MoE layer (shared experts always), plus one router per token. Layers say how many of their parameters one token
 uses through an ``active_parameters()`` method (`zoo.moe.MoELayer`, `zoo.moe.ModalityMoELayer`, LoRA experts);
 transformers' own sparse blocks (Mixtral, Qwen2-MoE, ...) are recognised by their ``experts.num_experts`` and
-``top_k``. Papers' "activated parameters" (MoE-LLaVA, DeepSeekMoE) count the LM side: ``counts.parts["lm"]``.
+``top_k``, zoo MoE connectors by their ``experts`` and ``moe`` config. Papers' "activated parameters" (MoE-LLaVA, DeepSeekMoE) count the LM side: ``counts.parts["lm"]``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +49,17 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def _hf_sparse_block(module: nn.Module) -> tuple[int, int, int] | None:
-    """``(experts' params, num_experts, top_k)`` for a transformers sparse MoE block (Mixtral-style: ``.experts``
-    with ``num_experts`` and a ``top_k`` on the block or its ``gate``), else None."""
+def _sparse_block(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(experts' params, num_experts, top_k)`` for a routed block that does not report its own active count: a
+    transformers sparse MoE block (Mixtral-style: ``.experts`` with ``num_experts`` and a ``top_k`` on the block or its
+    ``gate``) or a zoo MoE connector (``.experts`` and a `zoo.moe.MoEConfig` in ``.moe``: CuMo, MoCHA); else None."""
+    from zoo.moe.config import MoEConfig
+
     experts = getattr(module, "experts", None)
     num = getattr(experts, "num_experts", None)
-    k = getattr(module, "top_k", None) or getattr(getattr(module, "gate", None), "top_k", None)
+    moe = getattr(module, "moe", None)
+    k = moe.top_k if isinstance(moe, MoEConfig) else (
+        getattr(module, "top_k", None) or getattr(getattr(module, "gate", None), "top_k", None))
     if not isinstance(experts, nn.Module) or not isinstance(num, int) or not isinstance(k, int):
         return None
     return _numel(experts.parameters()), num, k
@@ -71,11 +80,11 @@ def count_module(module: nn.Module) -> tuple[int, int]:
             total = _numel(fresh(m.parameters()))
             return total, min(total, int(active_fn()))
         total = active = _numel(fresh(m.parameters(recurse=False)))
-        hf = _hf_sparse_block(m)
+        block = _sparse_block(m)
         for name, child in m.named_children():
             t, a = walk(child)
-            if hf is not None and name == "experts":
-                expert_params, num, k = hf
+            if block is not None and name == "experts":
+                expert_params, num, k = block
                 a = t * min(k, num) // num if t == expert_params else a
             total, active = total + t, active + a
         return total, active
@@ -132,3 +141,76 @@ def param_counts(model_or_name: nn.Module | str | Path | ModelConfig) -> ParamCo
         parts = {"model": count_module(model)}
     return ParamCounts(total=sum(t for t, _ in parts.values()), active=sum(a for _, a in parts.values()),
                        parts=parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counts of catalogue entries, cached: `zoo list` counts every entry on the meta device once, then reads the cache.
+
+_MEMO: dict[str, ParamCounts] = {}
+_CACHE_FILE = "param_counts.json"
+
+
+def cache_dir() -> Path:
+    """Where cached counts live: ``$ZOO_CACHE_DIR`` or ``~/.cache/zoo``."""
+    return Path(os.environ.get("ZOO_CACHE_DIR") or Path.home() / ".cache" / "zoo")
+
+
+@functools.cache
+def _code_digest() -> str:
+    """Digest of what decides a count besides the config: the installed libraries that build the parts and the
+    source of the zoo packages that assemble them (so an edited connector never reads a stale count)."""
+    import importlib.metadata as md
+
+    import zoo
+    import zoo.connectors
+    import zoo.encoders
+
+    h = hashlib.sha256()
+    for dist in ("torch", "transformers", "timm", "open_clip_torch"):
+        try:
+            h.update(f"{dist}={md.version(dist)};".encode())
+        except md.PackageNotFoundError:
+            h.update(f"{dist}=none;".encode())
+    for package in (zoo, zoo.encoders, zoo.connectors):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def _cache_key(config: ModelConfig) -> str:
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256((text + _code_digest()).encode()).hexdigest()
+
+
+def cached_param_counts(name_or_config: str | Path | ModelConfig) -> ParamCounts:
+    """`param_counts` of a catalogue name / YAML / config, cached in this process and in
+    ``cache_dir()/param_counts.json`` under a key of the config and `_code_digest` (a changed config, library or zoo
+    source is counted afresh). The file is rewritten atomically; an unreadable cache file is ignored and replaced."""
+    from zoo.catalogue import get_config
+
+    config = get_config(name_or_config)
+    key = _cache_key(config)
+    if key in _MEMO:
+        return _MEMO[key]
+    path = cache_dir() / _CACHE_FILE
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        stored = {}
+    if key in stored:
+        entry = stored[key]
+        counts = ParamCounts(entry["total"], entry["active"], {k: tuple(v) for k, v in entry["parts"].items()})
+    else:
+        counts = param_counts(config)
+        stored[key] = {"name": config.name, "total": counts.total, "active": counts.active,
+                       "parts": {k: list(v) for k, v in counts.parts.items()}}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(stored, indent=1) + "\n")
+            os.replace(tmp, path)
+        except OSError:  # a read-only home: counting still works, only slower next time
+            pass
+    _MEMO[key] = counts
+    return counts
