@@ -278,13 +278,16 @@ def render_index() -> str:
             + catalogue_markdown(list_models(), link=True))
 
 
-def catalogue_rows(names: list[str]) -> list[dict[str, str]]:
-    """One row per entry: name, family, vision experts, connector, LM, sparsity, total and active parameters."""
+def catalogue_rows(names: list[str], progress: bool = False) -> list[dict[str, str]]:
+    """One row per entry: name, family, vision experts, connector, LM, sparsity, total and active parameters
+    (counted on the meta device the first time, then read from the cache; `progress` shows a bar on stderr)."""
+    from tqdm.auto import tqdm
+
     from zoo.catalogue import get_config
     from zoo.params import cached_param_counts
 
     rows = []
-    for name in names:
+    for name in tqdm(names, desc="counting parameters", unit="model", disable=not progress, leave=False):
         config = get_config(name)
         counts = cached_param_counts(name)
         rows.append({"name": name, "family": config.family, **part_summary(config),
@@ -303,3 +306,15 @@ def catalogue_markdown(names: list[str], link: bool = False) -> str:
         return f"`{row[key]}`" if key in ("name", "vision", "connector", "lm") else row[key]
 
     return "\n".join(_table(header, [[cell(r, k) for k in header] for r in rows])) + "\n"
+
+
+def catalogue_text(rows: list[dict[str, str]]) -> str:
+    """Rows of `catalogue_rows` as an aligned plain-text table (counts right-aligned)."""
+    if not rows:
+        return "(no entries)\n"
+    header = list(rows[0])
+    cells = [header] + [[row[k] for k in header] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    right = {header.index("total"), header.index("active")}
+    return "\n".join("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     .rstrip() for r in cells) + "\n"

@@ -1,4 +1,4 @@
-"""The ``zoo`` command: ``list``, ``build``, ``params``, ``train``, ``convert``, ``demo``."""
+"""The ``zoo`` command: ``list``, ``card``, ``build``, ``params``, ``train``, ``convert``, ``demo``, ``eval``."""
 
 from __future__ import annotations
 
@@ -9,17 +9,23 @@ import sys
 
 def _cmd_list(args: argparse.Namespace) -> int:
     import zoo
+    from zoo.cards import catalogue_markdown, catalogue_rows, catalogue_text
 
-    rows = []
-    for name in zoo.list_models(family=args.family):
-        cfg = zoo.get_config(name)
-        lm = cfg.lm.name or cfg.lm.config.get("model_type", "?")
-        vision = " + ".join(f"{v.kind}:{v.name or v.kwargs.get('model_type', '?')}" for v in cfg.vision_experts)
-        rows.append((name, cfg.family, vision, cfg.connector.projector, lm))
-    header = ("name", "family", "vision", "connector", "lm")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+    names = zoo.list_models(family=args.family, tiny=False if args.no_tiny else None)
+    print(catalogue_markdown(names) if args.markdown else catalogue_text(catalogue_rows(names, progress=True)), end="")
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from zoo.cards import render_card, write_cards
+
+    if args.all:
+        for path in write_cards(args.out):
+            print(f"wrote {path}")
+        return 0
+    if not args.model:
+        raise SystemExit("zoo card: give a catalogue name, or --all --out DIR")
+    print(render_card(args.model), end="")
     return 0
 
 
@@ -82,13 +88,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from zoo.eval.harness import evaluate_command
+
+    evaluate_command(args.model, args.benchmark, data=args.data, out_dir=args.out, batch_size=args.batch_size,
+                     limit=args.limit, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                     device=args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zoo`` command line."""
     parser = argparse.ArgumentParser(prog="zoo", description="Assemble, train and evaluate vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="list the catalogue")
-    p.add_argument("--family", default=None)
+    p = sub.add_parser("list", help="the catalogue: parts and total/active parameters (counted on the meta device, "
+                       "cached)")
+    p.add_argument("--family", default=None, help="e.g. moe-llava, cumo, mova, mocha, moiie, deepseek-moe, bigmac")
+    p.add_argument("--no-tiny", action="store_true", help="leave out the -tiny twins")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=_cmd_list)
+    p = sub.add_parser("card", help="print the recipe card of a catalogue entry (or write them all: --all --out DIR)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--all", action="store_true", help="write every card and the index to --out")
+    p.add_argument("--out", default="docs/cards")
+    p.set_defaults(func=_cmd_card)
     p = sub.add_parser("build", help="build a model from a catalogue name or YAML and print its size")
     p.add_argument("model")
     p.add_argument("--out", default=None, help="save the fresh model to this directory")
@@ -120,6 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense", action="store_true", help="skip upcycling and MoE-tuning (a dense model)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test questions only")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("eval", help="evaluate a model on benchmarks in their released formats (zoo.eval)")
+    p.add_argument("model", help="checkpoint directory, hub id or catalogue name")
+    p.add_argument("--benchmark", required=True, help="NAME[,NAME...] of registered benchmarks (an unknown name "
+                   "lists them); launch with torchrun to shard the questions over processes")
+    p.add_argument("--data", default=None, help="folder with the released files (DIR/<benchmark>/ or DIR itself)")
+    p.add_argument("--limit", type=int, default=None, help="the first N questions of each benchmark only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: each benchmark's own")
+    p.add_argument("--out", default=None, help="results and resumable predictions (default: runs/eval/<model>)")
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
     args = parser.parse_args(argv)
     return args.func(args)
 
