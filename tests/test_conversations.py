@@ -191,3 +191,73 @@ def test_text_only_and_image_samples_share_a_batch_and_training_lowers_the_loss(
     with torch.no_grad():
         after = trained.eval()(**batch).loss.item()
     assert after < before
+
+
+def _write_faulty_shard(tmp_path):
+    """One webdataset shard with three good samples, one of each fault a shard can hold, and a last sample cut in
+    the middle of its image (a truncated shard)."""
+    import tarfile
+
+    import webdataset as wds
+
+    def record(sample_id, turns, images=()):
+        return {"json": json.dumps({"id": sample_id, "conversations": [
+            {"from": r, "value": t} for r, t in turns]}).encode(), **{f"{i}.img": im for i, im in enumerate(images)}}
+
+    ask = "<image>\nwhat color is the shape?"
+    good = {"w-good-red": record("w-good-red", [("human", ask), ("gpt", "red")], [_png()]),
+            "w-good-blue": record("w-good-blue", [("human", ask), ("gpt", "blue")], [_png((20, 20, 220))]),
+            "w-good-text": record("w-good-text", [("human", "is red a color?"), ("gpt", "yes")])}
+    bad = {"w-bad-corrupt": record("w-bad-corrupt", [("human", ask), ("gpt", "red")], [b"\x89PNG\r\n\x1a\n junk"]),
+           "w-bad-no-answer": record("w-bad-no-answer", [("human", ask)], [_png()]),
+           "w-bad-empty": record("w-bad-empty", [("human", "<image>"), ("gpt", "red")], [_png()]),
+           "w-bad-no-image": record("w-bad-no-image", [("human", ask), ("gpt", "red")]),
+           "w-bad-long": record("w-bad-long", [("human", ask + " why" * 300), ("gpt", "red")], [_png()])}
+    path = tmp_path / "faulty-00000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for n, (_, fields) in enumerate([*good.items(), *bad.items()]):
+            sink.write({"__key__": f"{n:06d}", **fields})
+        sink.write({"__key__": "000098", "json": b"{not json"})  # a malformed JSON record
+        noise = Image.frombytes("RGB", (256, 256), bytes(range(256)) * 768)
+        buffer = io.BytesIO()
+        noise.save(buffer, format="PNG")
+        sink.write({"__key__": "000099", **record("w-cut", [("human", ask), ("gpt", "red")], [buffer.getvalue()])})
+    with tarfile.open(path) as tar:
+        victim = next(m for m in tar.getmembers() if m.name.startswith("000099") and m.name.endswith(".img"))
+    data = path.read_bytes()
+    path.write_bytes(data[: victim.offset_data + victim.size // 2])
+    named_bad = set(bad) | {f"{path}:000098", str(path)}  # the malformed record by key, the cut by shard
+    return path, set(good), named_bad
+
+
+def test_a_json_file_and_a_shard_with_every_fault_train_to_completion(tmp_path):
+    """Every fault kind, in a LLaVA JSON file and in a webdataset shard: a recipe trains to the end, the skip
+    counters name every bad sample, and exactly the good samples are trained on (counted over one epoch)."""
+    from zoo.config import from_dict
+    from zoo.train.recipe import RecipeConfig, build_source, run_recipe
+
+    json_path, images, json_good, json_bad = _write_faulty_llava_json(tmp_path)
+    shard, shard_good, shard_bad = _write_faulty_shard(tmp_path)
+    recipe = from_dict(RecipeConfig, {
+        "name": "faulty", "model": "tiny-llava",
+        "data": {"json": {"kind": "llava-json", "path": str(json_path), "image_root": str(images)},
+                 "shard": {"kind": "webdataset", "urls": [str(shard)]}},
+        "stages": [{"name": "instruct", "trainable": ["connector", "lm"], "template": "zoo",
+                    "train": {"steps": 4, "batch_size": 4, "lr": 1.0e-3}}]})
+    run_recipe(recipe, tmp_path / "run", progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["stages"]["instruct"]["steps"] == 4  # trained to completion
+    named = {i for ids in json.loads((tmp_path / "run" / "00-instruct" / "skipped.json").read_text()).values()
+             for i in ids}
+    assert named == json_bad | shard_bad
+    reasons = " | ".join(json.loads((tmp_path / "run" / "00-instruct" / "skipped.json").read_text()))
+    for word in ("malformed JSON line", "malformed JSON record", "unreadable shard data", "missing image file",
+                 "corrupt image", "no assistant turn", "empty question", "placeholder", "over-long"):
+        assert word in reasons, word
+    # one epoch over both sources: every good sample comes out once, nothing else
+    model = zoo.build("tiny-llava")
+    skipped = SkipCounter()
+    sources = [build_source(recipe.data[name], skipped) for name in ("json", "shard")]
+    stream = ConversationStream(model, sources, template="zoo")
+    ids = [item[0] for item in stream]
+    assert sorted(ids) == sorted(json_good | shard_good) and len(ids) == 6

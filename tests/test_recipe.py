@@ -59,11 +59,100 @@ def test_overrides_and_errors_name_the_field(tmp_path):
         set_trainable(model, ["connector", "lm.*.mlpp.*"])
 
 
-@pytest.mark.parametrize("name", ["moiie-tiny"])
-def test_other_tiny_recipes_run(name, tmp_path):
-    recipe = load_recipe(RECIPES / f"{name}.yaml", ["data.easy-vqa.limit=1500"])
-    run_recipe(recipe, tmp_path / "run", progress=False)
+SMALL = {"moiie-tiny": 20, "cumo-tiny": 12, "mocha-tiny": 12}  # steps per stage, batch 16
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_other_tiny_recipes_run_every_stage_and_the_loss_falls(name, tmp_path):
+    recipe = load_recipe(RECIPES / f"{name}.yaml", ["data.easy-vqa.limit=1000"])
+    for stage in recipe.stages:
+        stage.train.steps, stage.train.batch_size = SMALL[name], 16
+    model = run_recipe(recipe, tmp_path / "run", progress=False)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert len(info["stages"]) == len(recipe.stages)
-    for stage in info["stages"].values():
-        assert stage["loss_last_fifth"] < stage["loss_first_fifth"]
+    assert list(info["stages"]) == [s.name for s in recipe.stages]
+    for stage_name, stage in info["stages"].items():
+        assert stage["loss_last_fifth"] < stage["loss_first_fifth"], stage_name
+    last = tmp_path / "run" / f"{len(recipe.stages) - 1:02d}-{recipe.stages[-1].name}"
+    routed = {"moiie-tiny": {"lm.layers.1 image", "lm.layers.1 text"}, "cumo-tiny": {"connector image"},
+              "mocha-tiny": {f"connector.{i} image" for i in range(4)}}[name]
+    assert routed <= set(info["stages"][recipe.stages[-1].name]["routing"])
+    assert (last / "routing.png").stat().st_size > 0
+    exported = zoo.load(str(last / "model"))
+    assert exported.config.connector.kind == {"cumo-tiny": "moe_mlp", "mocha-tiny": "mocha"}.get(name, "mlp")
+    if name == "cumo-tiny":  # co-upcycled at the SFT boundary, trained with its aux losses afterwards
+        assert model.config.connector.coefficients == {"balance": 0.1, "z_loss": 0.01}
+        assert zoo.load(str(tmp_path / "run" / "01-pft" / "model")).config.connector.kind == "mlp"
+
+
+def _dense(name: str, overrides: list[str]):
+    from zoo.config import ModelConfig
+
+    return zoo.build(ModelConfig.from_dict(apply_overrides(zoo.get_config(name).to_dict(), overrides)))
+
+
+@pytest.mark.parametrize("name, overrides, options, kind", [
+    ("cumo-mistral-7b-tiny", ["connector.kind=mlp", "connector.moe={}", "connector.coefficients={}"], {}, "moe_mlp"),
+    ("mocha-phi2-tiny", ["connector.kind=mlp", "connector.moe={}", "connector.coefficients={}",
+                         "connector.options={}"], {"hga": "none"}, "mocha"),
+])
+def test_co_upcycle_keeps_the_model_output_and_records_the_new_connector(name, overrides, options, kind, tmp_path):
+    from zoo.train.recipe import ACTIONS, ActionConfig
+
+    if name not in zoo.list_models():
+        pytest.skip(f"catalogue entry {name} not present yet")
+    torch.manual_seed(0)
+    model = _dense(name, overrides).eval()
+    batch = _image_batch(model)
+    with torch.no_grad():
+        before = model(**batch).logits
+    ACTIONS.get("co_upcycle")(model, ActionConfig("co_upcycle", policy={"num_experts": 3, "top_k": 2},
+                                                   options=options))
+    assert model.config.connector.kind == kind and model.config.connector.moe["num_experts"] == 3
+    assert model.config.connector.coefficients == {"balance": 0.1, "z_loss": 0.01}  # CuMo's, by default
+    with torch.no_grad():
+        out = model(**batch)
+    torch.testing.assert_close(out.logits, before, rtol=0, atol=1e-5)  # every expert is a copy of the MLP
+    assert any(k.startswith("expert_load") for k in out.routing)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert zoo.load(str(tmp_path / "ckpt")).config.connector.kind == kind
+    with pytest.raises(ConfigError, match=r"co_upcycle needs an mlp connector"):
+        ACTIONS.get("co_upcycle")(model, ActionConfig("co_upcycle"))
+
+
+def _image_batch(model):
+    from PIL import Image
+
+    from zoo.train.conversations import Conversation, ConversationStream
+
+    images = [Image.new("RGB", (64, 64), c) for c in [(200, 20, 20), (20, 20, 200)]]
+    samples = [Conversation(f"s{i}", [("user", "what color is the shape?"), ("assistant", "red")], [im])
+               for i, im in enumerate(images)]
+    stream = ConversationStream(model, [samples], template="zoo")
+    return stream.collate(list(stream))
+
+
+REAL = {"llava-1.5-7b": "llava-1.5-tiny", "moe-llava-phi2-2.7b-4e": "moe-llava-tiny", "moiie-phi3": "moiie-tiny",
+        "cumo-mistral-7b": "cumo-tiny", "mocha-phi2": "mocha-tiny"}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_size_recipes_parse_and_mirror_their_tiny_twins(name):
+    from zoo.config import ModelConfig, SparsityConfig, from_dict
+    from zoo.train.strategy import STRATEGIES
+
+    recipe, twin = load_recipe(RECIPES / f"{name}.yaml"), load_recipe(RECIPES / f"{REAL[name]}.yaml")
+    assert [s.name for s in recipe.stages] == [s.name for s in twin.stages]
+    assert [[a.action for a in s.before] for s in recipe.stages] == [[a.action for a in s.before] for s in twin.stages]
+    assert [s.trainable for s in recipe.stages] == [s.trainable for s in twin.stages]
+    for stage in recipe.stages:
+        assert stage.train.steps > 0 and stage.train.strategy in STRATEGIES and stage.train.devices == 8
+        for action in stage.before:
+            if action.action == "sparsify":
+                from_dict(SparsityConfig, dict(action.policy))
+    if recipe.model not in zoo.list_models():
+        pytest.skip(f"catalogue entry {recipe.model} not present yet")
+    config = ModelConfig.from_dict(apply_overrides(zoo.get_config(recipe.model).to_dict(), recipe.model_overrides))
+    if any(a.action == "sparsify" for s in recipe.stages for a in s.before):
+        assert config.lm.sparsity is None  # the dense start; the boundary action upcycles
+    if any(a.action == "co_upcycle" for s in recipe.stages for a in s.before):
+        assert config.connector.kind == "mlp"

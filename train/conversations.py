@@ -190,7 +190,9 @@ def zoo_template(model: ZooModel, turns: list[tuple[str, str]]) -> Encoded:
                 image = model.config.tokenizer.image_token
                 question = text.replace(image, "").strip()
                 prompt = model.config.prompt.format(question=question)
-                if image in prompt and text.count(image) > 1:
+                if not text.count(image):  # a text-only sample: the prompt's image slot stays empty
+                    prompt = prompt.replace(image + "\n", "").replace(image, "")
+                elif image in prompt and text.count(image) > 1:
                     prompt = prompt.replace(image, image * text.count(image), 1)
                 pieces.append((tok(prompt).input_ids, False))
                 first = False
@@ -298,6 +300,14 @@ def write_webdataset(samples: Iterable[Conversation], pattern: str, maxcount: in
     return n
 
 
+def _flat_args(args) -> Iterator:
+    for a in args:
+        if isinstance(a, tuple):
+            yield from _flat_args(a)
+        else:
+            yield a
+
+
 def read_webdataset(urls: str | Sequence[str], skipped: SkipCounter | None = None) -> Iterator[Conversation]:
     """Conversations from webdataset shards written by `write_webdataset` (or LLaVA-style shards with ``json`` +
     ``jpg``/``png``). A truncated shard or a malformed record is skipped and counted; reading goes on."""
@@ -305,12 +315,19 @@ def read_webdataset(urls: str | Sequence[str], skipped: SkipCounter | None = Non
 
     skipped = skipped if skipped is not None else SkipCounter()
 
+    shards = [urls] if isinstance(urls, str) else list(urls)
+    last_url = [shards[0] if shards else "?"]
+
     def on_error(exn: Exception) -> bool:
-        skipped.skip(f"unreadable shard data ({type(exn).__name__}: {exn})", str(getattr(exn, "args", [""])[-1])[:200])
+        # webdataset appends the shard's url to the exception's args (at one level or another); else the last one read
+        found = [a for a in _flat_args(exn.args) if isinstance(a, str) and (a in shards or a.endswith(".tar"))]
+        skipped.skip(f"unreadable shard data ({type(exn).__name__}: truncated or corrupt tar)",
+                     found[-1] if found else last_url[0])
         return True  # keep going
 
     dataset = wds.WebDataset(urls, handler=on_error, shardshuffle=False, empty_check=False)
     for raw in dataset:
+        last_url[0] = raw.get("__url__", last_url[0])
         key = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
         try:
             record = json.loads(raw["json"])

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 import zoo
-from zoo.eval import accuracy_table, count_by_type
+from zoo.eval import count_by_type, evaluate_benchmark
+from zoo.eval.easy_vqa import EasyVQA
 
 from .data import VQATrainingSet, load_easy_vqa
 from .module import TrainConfig, fit
@@ -123,19 +124,19 @@ def run_demo(model_name: str | zoo.ModelConfig = "tiny-llava", out_dir: str | Pa
                   f"{trainable:,} trainable (FFNs and routers)")
             fit(model, dataset, moe_training, run_dir=out_dir / "logs_moe", progress=progress)
     model.eval()
-    samples = test_split.samples[:eval_limit] if eval_limit else test_split.samples
     with clock.phase("evaluate"):
-        predictions = model.answer([test_split.images[s.image] for s in samples], [s.question for s in samples],
-                                   max_new_tokens=4, batch_size=eval_batch_size, progress=progress)
-    references = [s.answer for s in samples]
-    table = accuracy_table(predictions, references, [s.answer for s in train_split.samples])
+        # the harness and scores of `zoo eval MODEL --benchmark easy-vqa`, so both print the same numbers
+        run = evaluate_benchmark(model, EasyVQA(split="test"), batch_size=eval_batch_size, limit=eval_limit or None,
+                                 progress=progress)
+    references = [s.target for s in run.samples]
+    table = {"overall" if name == "accuracy" else name: run.scores[name] / 100 for name in EasyVQA.metrics}
     counts = {"overall": len(references), "majority baseline": len(references), **count_by_type(references)}
     load = expert_load(model, VQATrainingSet(model, test_split)) if moe_policy is not None else {}
     with clock.phase("save + reload"):
         model.save_pretrained(out_dir / "model")
         reloaded = zoo.load(out_dir / "model")
-        probe = samples[:2]
-        images, questions = [test_split.images[s.image] for s in probe], [s.question for s in probe]
+        probe = run.samples[:2]
+        images, questions = [s.load_image() for s in probe], [s.question for s in probe]
         before, after = model.answer(images, questions), reloaded.answer(images, questions)
     if before != after:
         raise RuntimeError(f"reloaded model answers {after} but the trained model answered {before}")
@@ -145,11 +146,12 @@ def run_demo(model_name: str | zoo.ModelConfig = "tiny-llava", out_dir: str | Pa
         print("\nexpert load on 512 test samples (share of each layer's image / text tokens per expert, top-2):")
         print(format_load(load))
     for s, a in zip(probe, after):
-        print(f"reload check: {s.question!r} -> {a!r} (reference {s.answer!r}); identical before and after reload")
+        print(f"reload check: {s.question!r} -> {a!r} (reference {s.target!r}); identical before and after reload")
     print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.phases.items()))
     results = {"model": model.config.name, "accuracy": table, "questions": counts, "seconds": clock.phases,
                "training": asdict(training), "moe_policy": moe_policy,
                "moe_training": asdict(moe_training) if moe_policy is not None else None, "expert_load": load,
+               "evaluation": run.record,
                "checkpoint": str(out_dir / "model")}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

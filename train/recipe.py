@@ -6,7 +6,7 @@ mix, trainable parameters, optimisation, actions at the stage boundary such as u
 
 or ``zoo train configs/recipes/moe-llava-tiny.yaml --set stages.0.train.steps=10``. The run directory holds
 ``recipe.yaml`` (resolved), ``run.json`` (git revision, package versions, timings), and per stage ``NN-name/``
-with ``metrics.csv``, ``routing.csv`` / ``routing.png`` (expert load per layer, for models that route),
+with ``metrics.csv``, ``skipped.json`` (every skipped sample's id by reason), ``routing.csv`` / ``routing.png`` (expert load per layer, for models that route),
 ``checkpoints/`` while the stage trains (every ``train.checkpoint_every`` steps), ``model/`` (a `save_pretrained`
 export) and ``stage.json`` (written last: the stage is done). With ``resume=True`` finished stages are loaded from
 their exports and an unfinished one continues from its newest checkpoint, ending bitwise where an uninterrupted run
@@ -153,7 +153,7 @@ def _co_upcycle(model: ZooModel, action: ActionConfig) -> None:
     new.config = dataclasses.replace(new.config, coefficients=dict(coefficients))
     model.connector = new
     model.config.connector = new.config
-    log.info("co-upcycled the connector into %s (%s)", new.config.kind, new.moe)
+    log.info("co-upcycled the connector into %s (%s)", new.config.kind, new.config.moe)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -310,10 +310,14 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, 
         k = max(1, len(losses) // 5)
         info["stages"][stage.name] = {
             "trainable_parameters": trainable, "seconds": round(seconds, 1), "steps": train.steps,
-            "skipped": {reason: len(ids) for reason, ids in stream.skipped.by_reason.items()},
+            "skipped": {reason: len(ids) for reason, ids in stream.skipped.by_reason.items()},  # ids: skipped.json
             "loss_first_fifth": sum(losses[:k]) / k if losses else None,  # mean loss of the first / last fifth
             "loss_last_fifth": sum(losses[-k:]) / k if losses else None,
             "routing": monitor.summary()}
+        named = {**skipped.state_dict()}  # reading (malformed lines, unreadable shards) + encoding skips, by id
+        for reason, ids in stream.skipped.state_dict().items():
+            named.setdefault(reason, []).extend(ids)
+        (stage_dir / "skipped.json").write_text(json.dumps(named, indent=1) + "\n")
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(info["stages"][stage.name], indent=2) + "\n")
         os.replace(tmp, done)  # the stage counts as done only once its export is complete
