@@ -17,8 +17,10 @@ always used and never gated; naming its letter in a routing answer is allowed an
 Differences from the released code (design/mova.md): the experts are sequence-fused (each keeps its own grid and is
 read by cross-attention; no grid alignment), no 2-D RoPE, sub-LN or learnable position embedding, area pooling
 instead of RegStage blocks, and the gate's text is the mean LM input embedding of the question
-(`question_embedding`) instead of a BERT [CLS] state. `ZooModel` calls a connector with features only, so in
-training and in ``ZooModel.answer`` the gate reads a zero text embedding and every expert is available.
+(`question_embedding`, `ZooModel.question_context`: the mean LM input embedding of the prompt tokens, never the
+answer) instead of a BERT [CLS] state; ``ZooModel`` hands it to the connector in training and generation alike
+(``reads_question``). Through ``ZooModel.forward`` and ``ZooModel.answer`` every expert is available (no coarse
+routing); `MoVAInference` does both passes.
 """
 
 from __future__ import annotations
@@ -249,11 +251,13 @@ class MoVAConnector(nn.Module):
     ``tokens`` (None: the base count) LM tokens per image, a square; ``routing_tokens`` (``tokens``) image tokens
     in the routing pass; ``text_dim`` (LM width) width of the gate's text embedding; ``descriptions`` (one per
     expert), ``default_experts`` (letters; all) and ``max_selected`` (``top_k``) configure the `ExpertRouter`
-    (``router``).
+    (``router``); ``routing_adapter`` (None) names the LM's LoRA task adapter (``lm.lora.mode: task``) that the
+    routing pass uses -- MoVA's expert-routing LoRA -- while answers use the LM's active adapter.
     """
 
     multi_expert = True
     requires_multi_expert = True
+    reads_question = True  # ZooModel passes each image's question context as ``text``
 
     def __init__(self, config: ConnectorConfig, in_dims: list[int], out_dim: int):
         super().__init__()
@@ -264,7 +268,7 @@ class MoVAConnector(nn.Module):
         options = connector_options(config, {
             "base": 0, "top_k": min(3, n - 1), "blocks": 3, "heads": None, "tokens": None, "routing_tokens": None,
             "text_dim": out_dim, "descriptions": [f"vision expert {i}" for i in range(n)],
-            "default_experts": list(LETTERS[:n]), "max_selected": None})
+            "default_experts": list(LETTERS[:n]), "max_selected": None, "routing_adapter": None})
         self.base = options["base"]
         if not 0 <= self.base < n:
             raise ConfigError(f"connector.options.base: expected an expert index 0-{n - 1}, got {self.base}")
@@ -292,6 +296,10 @@ class MoVAConnector(nn.Module):
                                        options["max_selected"] or options["top_k"])
         except ValueError as e:
             raise ConfigError(f"connector.options.default_experts: {e}") from e
+        self.routing_adapter = options["routing_adapter"]
+        if self.routing_adapter is not None and not isinstance(self.routing_adapter, str):
+            raise ConfigError(f"connector.options.routing_adapter: expected the name of a LoRA task adapter, got "
+                              f"{self.routing_adapter!r}")
         self.adapter = MoVAdapter(in_dims, self.base, options["text_dim"], options["blocks"], heads, options["top_k"])
         self.projector = MLPProjector(config, width, out_dim)
         self.num_experts = n
@@ -352,14 +360,10 @@ class MoVAConnector(nn.Module):
 # ---------------------------------------------------------------------------------------------------- two passes
 
 def question_embedding(model, questions: Sequence[str]) -> torch.Tensor:
-    """``[N, d_lm]``: the mean LM input embedding of each question's tokens (the gate's text; ``text_dim`` = LM
-    width). An empty question embeds as the unknown token."""
-    tokenizer = model.tokenizer
-    ids = [tokenizer(q, add_special_tokens=False).input_ids or [tokenizer.unk_token_id] for q in questions]
-    padded, mask = model.collate_prompts(ids, padding_side="right")
-    mask = mask.to(model.device).unsqueeze(-1)
-    embeds = model.lm.get_input_embeddings()(padded.to(model.device))
-    return (embeds * mask).sum(1) / mask.sum(1)
+    """``[N, d_lm]``: the gate's text for one question per image, `ZooModel.question_context` of each question in
+    the model's prompt template -- what the gate reads when the model trains on or answers that prompt."""
+    ids, mask = model.collate_prompts([model.encode_prompt(q) for q in questions], padding_side="right")
+    return model.question_context(ids.to(model.device), mask.to(model.device))
 
 
 class MoVAInference:
@@ -370,12 +374,12 @@ class MoVAInference:
     `ExpertRouter.parse` gives one expert set per image. Pass 2 (`answer`): the base expert runs on every image and
     each picked expert only on the images that picked it; experts no image picked never run.
 
-    ``condition_on_question``: feed `question_embedding` to the gate. Keep it False for a model trained through
-    ``ZooModel.forward``, whose connector call carries no text (the gate learned on zeros).
+    ``condition_on_question``: feed `question_embedding` to the gate (as ``ZooModel`` does in training); False
+    gives it zeros.
     Generation is ``ZooModel.generate`` on the image blocks computed here (greedy, KV cache).
     """
 
-    def __init__(self, model, condition_on_question: bool = False):
+    def __init__(self, model, condition_on_question: bool = True):
         if not isinstance(model.connector, MoVAConnector):
             raise ValueError(f"connector.kind: MoVAInference needs a 'mova' connector, got "
                              f"{type(model.connector).__name__}")
@@ -383,6 +387,12 @@ class MoVAInference:
             raise ValueError("fusion.mode: MoVAInference needs several vision experts fused by sequence")
         self.model = model
         self.condition_on_question = condition_on_question
+        adapter = model.connector.routing_adapter
+        lora = model.config.lm.lora
+        if adapter is not None and (lora is None or lora.mode != "task" or adapter not in lora.task_names):
+            known = lora.task_names if lora is not None and lora.mode == "task" else "none (no lm.lora of mode task)"
+            raise ValueError(f"connector.options.routing_adapter: {adapter!r} is not a LoRA task adapter of the LM; "
+                             f"its task adapters: {known}")
 
     @property
     def connector(self) -> MoVAConnector:
@@ -429,16 +439,23 @@ class MoVAInference:
         """Pass 1: one expert set per image, chosen by the LM from the routing prompt (only the base expert runs)."""
         none = [set() for _ in questions]
         image = self.encode(pixel_values, none, questions, self.connector.routing_tokens).tokens
-        return self.router.route(questions, lambda prompts: self.generate(image, prompts, max_new_tokens))
+        task = self.routing_task(len(questions))
+        return self.router.route(questions, lambda prompts: self.generate(image, prompts, max_new_tokens, task))
+
+    def routing_task(self, n: int) -> list[str] | None:
+        """Task tags of ``n`` routing samples: the routing adapter (``options.routing_adapter``), or None."""
+        adapter = self.connector.routing_adapter
+        return None if adapter is None else [adapter] * n
 
     @torch.no_grad()
-    def generate(self, image_embeds: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+    def generate(self, image_embeds: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 8,
+                 task: list[str] | None = None) -> list[str]:
         """Greedy answers to ``questions`` (in the model's prompt template), one image block ``image_embeds[i]``
-        ``[N, L, d_lm]`` per question."""
+        ``[N, L, d_lm]`` per question; ``task``: LoRA task tags (None: the LM's active adapter)."""
         model = self.model
         ids, mask = model.collate_prompts([model.encode_prompt(q) for q in questions])
         new = model.generate(None, ids.to(model.device), mask.to(model.device), max_new_tokens,
-                             image_embeds=image_embeds)
+                             image_embeds=image_embeds, task=task)
         return [s.strip() for s in model.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     @torch.no_grad()
@@ -468,7 +485,8 @@ class MoVAInference:
     def routing_loss(self, pixel_values: dict[str, torch.Tensor], questions: Sequence[str],
                      labels: Sequence[Iterable[str | int]]) -> torch.Tensor:
         """Cross-entropy of the routing answers given the routing-pass image tokens (base expert only, pooled to
-        ``routing_tokens``): the loss of the routing LoRA. One question and one label list per image."""
+        ``routing_tokens``): the loss of the routing LoRA (``options.routing_adapter``; the whole trainable LM
+        without one). One question and one label list per image."""
         model = self.model
         if not len(questions) == len(labels):
             raise ValueError(f"labels: expected one label list per question ({len(questions)}), got {len(labels)}")
@@ -478,6 +496,6 @@ class MoVAInference:
         targets = targets.masked_fill(mask == 0, -100)
         image = self.encode(pixel_values, [set() for _ in questions], questions, self.connector.routing_tokens)
         sp = model.splice(ids.to(model.device), image.tokens, mask.to(model.device), targets.to(model.device))
-        with model._lm_context(sp.image_mask, sp.attention_mask):
+        with model._lm_context(sp.image_mask, sp.attention_mask, self.routing_task(len(questions))):
             return model.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                             position_ids=sp.position_ids, labels=sp.labels, use_cache=False).loss

@@ -11,11 +11,12 @@ from PIL import Image
 from test_fusion import CLIP, CONVNEXT, SIGLIP, _experts, _images
 
 import zoo
-from zoo.config import ConfigError, ConnectorConfig, FusionConfig, TokenizerConfig, from_dict
+from zoo.config import ConfigError, ConnectorConfig, FusionConfig, LoRAExpertConfig, TokenizerConfig, from_dict
 from zoo.connectors import build_connector
 from zoo.connectors.compress import avg_pool_tokens, pixel_shuffle
 from zoo.connectors.mousi import visual_position_ids
 from zoo.connectors.mova import ExpertRouter, MoVAConnector, MoVAGate, MoVAInference
+from zoo.lm.lora import lora_modules
 from zoo.tokenizer import CORPORA, easy_vqa_text
 
 # The easy-vqa vocabulary plus the routing answer words, so the tiny LM can say "c" or "a, b".
@@ -388,3 +389,61 @@ def test_the_model_counts_the_image_tokens_the_connector_emits(connector, expect
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=model.vision.preprocess([image]))
     assert int(out.image_mask.sum()) == expected
+
+
+# --- the question reaches the gate; the routing LoRA ------------------------------------------------------------
+
+def _tiny_mova(lora=None, routing_adapter=None):
+    torch.manual_seed(0)
+    config = tiny_config(name="tiny-mova")
+    config.vision = _experts(CLIP, SIGLIP, CONVNEXT)
+    config.fusion = FusionConfig(mode="sequence", resample="none")
+    options = {"tokens": 4, "routing_tokens": 1, "blocks": 1, "top_k": 1, "descriptions": DESCRIPTIONS,
+               "default_experts": ["B"]}
+    if routing_adapter is not None:
+        options["routing_adapter"] = routing_adapter
+    config.connector = _connector("mova", options)
+    config.tokenizer = TokenizerConfig(train_on="easy-vqa+routing")
+    if lora is not None:
+        config.lm.lora = from_dict(LoRAExpertConfig, lora, path="lm.lora")
+    return zoo.build(config)
+
+
+def test_the_gate_reads_each_prompts_question_but_never_its_answer():
+    model = _tiny_mova().eval()
+    seen = []
+    model.connector.adapter.blocks[0].gate.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    images = _images(2)
+    pixels = model.vision.preprocess(images)
+    prompts = [model.encode_prompt(q) for q in ("what color is the shape?", "is there a circle?")]
+    answers = [model.encode_answer(a) for a in ("red", "no")]
+    ids, mask = model.collate_prompts([p + a for p, a in zip(prompts, answers)], padding_side="right")
+    labels = torch.full_like(ids, -100)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels)
+        embed = model.lm.get_input_embeddings()
+        for i, p in enumerate(prompts):  # the mean embedding of the prompt's text tokens, no image, no answer
+            text = [t for t in p if t != model.image_token_id]
+            torch.testing.assert_close(seen[0][i], embed(torch.tensor(text)).mean(0))
+        answer_ids = model.collate_prompts(prompts)
+        model.generate(pixels, *answer_ids, max_new_tokens=1)
+    torch.testing.assert_close(seen[1], seen[0])  # generation from the prompt gives the gate the same text
+
+
+def test_the_routing_pass_uses_the_routing_lora_only():
+    lora = {"mode": "task", "task_names": ["answer", "route"], "targets": ["q_proj", "v_proj"]}
+    model = _tiny_mova(lora, routing_adapter="route")
+    mova = MoVAInference(model)
+    pixels = model.vision.preprocess(_images(2))
+    questions = ["what color is the shape?", "what shape is in the image?"]
+    loss = mova.routing_loss(pixels, questions, [["C"], ["B"]])
+    loss.backward()
+    for layer in lora_modules(model).values():
+        assert layer.lora_A[0].grad is None and layer.lora_B[0].grad is None  # "answer" untouched
+        assert layer.lora_B[1].grad is not None and layer.lora_B[1].grad.abs().sum() > 0  # "route" learns
+    with pytest.raises(ValueError, match="routing_adapter: 'routing' is not a LoRA task adapter of the LM"):
+        MoVAInference(_tiny_mova(lora, routing_adapter="routing"))
+    with pytest.raises(ValueError, match=r"its task adapters: none \(no lm.lora of mode task\)"):
+        MoVAInference(_tiny_mova(None, routing_adapter="route"))

@@ -42,6 +42,17 @@ def pad_token_ids(sequences: Sequence[list[int]], pad_id: int, padding_side: str
     return ids, mask
 
 
+def _embedded_vocab(tokenizer, config: ModelConfig) -> int | None:
+    """How many token ids the LM must embed: the tokenizer's length, less an image token appended after the LM's
+    declared vocabulary (released LLaVA checkpoints: 32000 ids, ``<image>`` added as 32000); the splice replaces
+    image placeholders before the embedding, so that id is never looked up."""
+    if tokenizer is None:
+        return None
+    declared = config.lm.config.get("vocab_size")
+    image_id = tokenizer.convert_tokens_to_ids(config.tokenizer.image_token)
+    return declared if declared == len(tokenizer) - 1 == image_id else len(tokenizer)
+
+
 @dataclass
 class Spliced:
     """The LM's inputs after the image blocks replace their placeholders (all ``[B, T']``, embeds ``[B, T', d]``)."""
@@ -84,7 +95,7 @@ class ZooModel(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.vision = build_vision(config.vision, config.fusion)
-        self.lm = build_lm(config.lm, vocab_size=len(tokenizer) if tokenizer is not None else None)
+        self.lm = build_lm(config.lm, vocab_size=_embedded_vocab(tokenizer, config))
         self.connector = build_connector(config.connector, self.vision.width, self.lm.config.hidden_size)
         if config.lm.sparsity is not None:
             sparsify(self.lm, config.lm.sparsity)
@@ -115,15 +126,44 @@ class ZooModel(nn.Module):
         return sum(counts) if sequence else counts
 
     # ------------------------------------------------------------------ forward
-    def encode_images(self, pixel_values: torch.Tensor | dict[str, torch.Tensor]):
+    def encode_images(self, pixel_values: torch.Tensor | dict[str, torch.Tensor], text: torch.Tensor | None = None):
         """``[N, 3, S, S]`` (or, for several vision experts, ``{"0": [N, 3, S0, S0], ...}`` from
-        ``model.vision.preprocess``) -> :class:`~zoo.connectors.ConnectorOutput` with tokens ``[N, Lv, d_lm]``."""
+        ``model.vision.preprocess``) -> :class:`~zoo.connectors.ConnectorOutput` with tokens ``[N, Lv, d_lm]``.
+        ``text`` ``[N, d_lm]``: each image's `question_context`, for connectors that read the question."""
+        return self._connect(self.vision_features(pixel_values), text)
+
+    def vision_features(self, pixel_values: torch.Tensor | dict[str, torch.Tensor]):
+        """The vision tower's (fused) features: ``[N, L, C]``, or one ``[N, L_e, C_e]`` per sequence-fused expert."""
         if isinstance(self.vision, FusedVision):
-            return self.connector(self._cast_features(self.vision(pixel_values)))
+            return self.vision(pixel_values)
         if isinstance(pixel_values, dict):
             raise TypeError("pixel_values: a dict of per-expert pixels was given to a single-expert model")
-        dtype = next(self.vision.parameters()).dtype
-        return self.connector(self._cast_features(self.vision(pixel_values.to(dtype))))
+        return self.vision(pixel_values.to(next(self.vision.parameters()).dtype))
+
+    @property
+    def reads_question(self) -> bool:
+        """Whether the connector reads each image's question (MoVA's gate): it then gets `question_context`."""
+        return bool(getattr(self.connector, "reads_question", False))
+
+    def _connect(self, features, text: torch.Tensor | None = None):
+        features = self._cast_features(features)
+        return self.connector(features, text=text) if self.reads_question else self.connector(features)
+
+    def question_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N_placeholders, d_lm]``: for each image placeholder (in batch order), the mean LM input embedding of
+        its sample's prompt tokens -- real tokens, not image placeholders and, when ``labels`` are given,
+        unsupervised (so a connector that reads the question never sees the answer). The same call at training and
+        at generation time gives a question-reading connector the same text."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        is_img = (input_ids == self.image_token_id) & mask
+        keep = mask & ~is_img
+        if labels is not None:
+            keep = keep & (labels == IGNORE_INDEX)
+        embeds = self.lm.get_input_embeddings()(torch.where(keep, input_ids, torch.zeros_like(input_ids)))
+        weights = keep.unsqueeze(-1).to(embeds.dtype)
+        per_sample = (embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return per_sample[is_img.nonzero()[:, 0]]
 
     def _cast_features(self, features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         param = next(self.connector.parameters(), None)
@@ -212,22 +252,28 @@ class ZooModel(nn.Module):
         ``task`` ``[B]`` (LoRA task adapters, ``lm.lora.mode: task``): each sample's adapter, by name or index.
         A sample whose labels are all -100 raises: it would train on nothing (data pipelines skip such samples).
         """
-        if image_features is not None:
-            if pixel_values is not None:
-                raise ValueError("pixel_values and image_features: give one, not both")
-            image_out = self.connector(self._cast_features(image_features))
-        else:
-            has_images = pixel_values is not None and num_images(pixel_values) > 0
-            image_out = self.encode_images(pixel_values) if has_images else None
-        image_tokens = image_out.tokens if image_out is not None else None
+        if image_features is not None and pixel_values is not None:
+            raise ValueError("pixel_values and image_features: give one, not both")
+        features = image_features
+        if features is None and pixel_values is not None and num_images(pixel_values) > 0:
+            features = self.vision_features(pixel_values)
         if image_index is not None:
-            n_images = 0 if image_tokens is None else len(image_tokens)
+            n_images = 0 if features is None else len(features[0] if isinstance(features, list) else features)
             in_range = image_index.ndim == 1 and bool(((image_index >= 0) & (image_index < n_images)).all())
             if not in_range:
                 raise ValueError(f"image_index: expected [N_placeholders] indices into the {n_images} given "
                                  f"images, got {image_index.tolist()}")
-            if image_tokens is not None:
-                image_tokens = image_tokens[image_index]
+        text = None
+        if features is not None and self.reads_question:  # each placeholder's own question: connect per placeholder
+            text = self.question_context(input_ids, attention_mask, labels)
+            if image_index is not None:
+                index = image_index.to(text.device)
+                features = [f[index] for f in features] if isinstance(features, list) else features[index]
+                image_index = None
+        image_out = self._connect(features, text) if features is not None else None
+        image_tokens = image_out.tokens if image_out is not None else None
+        if image_index is not None and image_tokens is not None:
+            image_tokens = image_tokens[image_index]
         positions = image_out.routing.get("position_ids") if image_out is not None else None
         sp = self.splice(input_ids, image_tokens, attention_mask, labels, image_positions=positions)
         if sp.labels is not None:
@@ -352,7 +398,8 @@ class ZooModel(nn.Module):
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         positions = None
         if pixel_values is not None:
-            image_out = self.encode_images(pixel_values)
+            text = self.question_context(input_ids, attention_mask) if self.reads_question else None
+            image_out = self.encode_images(pixel_values, text)
             image_embeds, positions = image_out.tokens, image_out.routing.get("position_ids")
         sp = self.splice(input_ids, image_embeds, attention_mask, padding_side="left", image_positions=positions)
         with self._lm_context(sp.image_mask, sp.attention_mask, task):

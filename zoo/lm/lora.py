@@ -163,26 +163,28 @@ class LoRAExpertLinear(nn.Module):
     def _params(p: nn.Parameter | nn.ParameterList) -> list[nn.Parameter]:
         return list(p) if isinstance(p, nn.ParameterList) else [p]
 
-    def factors(self, every_task: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, every_task: bool = False, task: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat factors (A [R, d_in], B [d_out, R]) the gates act on, experts (or tasks) expert-major. Task mode
-        gives the active adapter, or every adapter in ``task_names`` order when ``every_task``."""
+        gives adapter ``task`` (default: the active one), or every adapter in ``task_names`` order when
+        ``every_task``."""
         if self.mode == "moe":
             n, r, d_in = self.lora_A.shape
             return self.lora_A.reshape(n * r, d_in), self.lora_B.permute(1, 0, 2).reshape(-1, n * r)
         if self.mode == "task":
             if not every_task:
-                i = self.task_index(self.active)
+                i = self.task_index(self.active) if task is None else task
                 return self.lora_A[i], self.lora_B[i]
             return torch.cat(list(self.lora_A), 0), torch.cat(list(self.lora_B), 1)
         return self.lora_A, self.lora_B
 
-    def delta(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, gates: torch.Tensor | None = None, task: int | None = None) -> torch.Tensor:
         """The LoRA update s * B diag(repeat(g, r_unit)) A dropout(x), [..., d_out] in the factors' dtype.
 
         ``gates`` [..., U] (broadcast against x's leading dims) weigh the units: experts (moe), ranks (rank_moe) or
-        tasks (task: then every adapter is used); None means all-ones (single, or the active task adapter).
+        tasks (task: then every adapter is used); None means all-ones (single, or task adapter ``task``, default
+        the active one).
         """
-        a, b = self.factors(every_task=gates is not None)
+        a, b = self.factors(every_task=gates is not None, task=task)
         h = F.linear(self.dropout(x.to(a.dtype)), a)
         if gates is not None:
             g = gates.to(h.dtype)
@@ -191,14 +193,15 @@ class LoRAExpertLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        gates = self._task_gates(x) if self.mode == "task" else None
+        task, gates = self._task_choice(x) if self.mode == "task" else (None, None)
         if self.merged:  # single or task mode only
-            if gates is not None:
-                raise RuntimeError(f"{self.name}: per-sample task tags need the unmerged adapters; call unmerge()")
+            if gates is not None or (task is not None and task != self.task_index(self.active)):
+                raise RuntimeError(f"{self.name}: adapter {self.active!r} is merged; task tags naming other "
+                                   "adapters need the unmerged adapters; call unmerge()")
             return y
         if self.router is not None:
             gates = self._routed_gates(x)
-        return y + self.delta(x, gates).to(y.dtype)
+        return y + self.delta(x, gates, task).to(y.dtype)
 
     def _routed_gates(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -219,10 +222,12 @@ class LoRAExpertLinear(nn.Module):
             gates = gates.new_zeros(lead.numel(), gates.shape[1]).index_copy(0, rows, gates)
         return gates.reshape(*lead, -1)
 
-    def _task_gates(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _task_choice(self, x: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
+        """``(task, gates)`` of this call's tags: one adapter for the whole batch (only it runs, so the others get
+        no gradient at all), one-hot gates ``[B, 1.., n_tasks]`` for mixed tags, or (None, None) without tags."""
         tags = self.context.task
         if tags is None:
-            return None
+            return None, None
         names = self.config.task_names
         if not torch.is_tensor(tags):
             tags = torch.as_tensor([self.task_index(t) if isinstance(t, str) else int(t) for t in tags])
@@ -232,7 +237,9 @@ class LoRAExpertLinear(nn.Module):
                              f"{tuple(x.shape[:1])} samples; expected one tag per sample")
         if tags.numel() and not 0 <= int(tags.min()) <= int(tags.max()) < len(names):
             raise ValueError(f"{self.name}: task tag out of range for the {len(names)} tasks {names}")
-        return F.one_hot(tags, len(names)).view(x.shape[0], *(1,) * (x.dim() - 2), len(names))
+        if tags.numel() and bool((tags == tags[0]).all()):
+            return int(tags[0]), None
+        return None, F.one_hot(tags, len(names)).view(x.shape[0], *(1,) * (x.dim() - 2), len(names))
 
     def task_index(self, name: str) -> int:
         """The index of a task adapter by name; an unknown name is an error naming it and the known ones."""
