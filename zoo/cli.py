@@ -65,9 +65,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.what != "llava-to-wds":  # a checkpoint: SRC DST
+        from zoo.released import convert_checkpoint
+
+        if args.source is None:
+            raise SystemExit("zoo convert: give the source checkpoint directory and the destination: zoo convert SRC DST")
+        print(f"wrote {convert_checkpoint(args.what, args.source, vision_tower=args.vision_tower)}")
+        return 0
     from zoo.train.conversations import read_llava_json, write_webdataset
     from zoo.train.data import SkipCounter
 
+    if args.source is None or args.out is None:
+        raise SystemExit("zoo convert llava-to-wds: give the LLaVA JSON file and --out SHARD_PATTERN")
     skipped = SkipCounter()
     samples = read_llava_json(args.source, image_root=args.image_root, skipped=skipped)
     n = write_webdataset(samples, args.out, maxcount=args.maxcount, skipped=skipped)
@@ -127,11 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="load finished stages' exports instead of retraining")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("convert", help="convert data: llava-to-wds (LLaVA JSON + image dir -> webdataset shards)")
-    p.add_argument("what", choices=["llava-to-wds"])
-    p.add_argument("source", help="LLaVA JSON or JSON-lines file")
+    p = sub.add_parser("convert", help="convert a checkpoint (SRC DST: llava-hf, original LLaVA, MoE-LLaVA or CuMo "
+                       "layout -> a zoo checkpoint) or data (llava-to-wds: LLaVA JSON -> webdataset shards)")
+    p.add_argument("what", help="'llava-to-wds', or the source checkpoint directory")
+    p.add_argument("source", nargs="?", help="the LLaVA JSON file (llava-to-wds), or the destination directory")
+    p.add_argument("--vision-tower", default=None, help="checkpoints: the vision tower's transformers dir or hub id "
+                   "when the checkpoint does not hold it (default: the name in its config.json)")
     p.add_argument("--image-root", default=None, help="folder the records' image paths are relative to")
-    p.add_argument("--out", required=True, help="shard pattern, e.g. shards/train-%%05d.tar")
+    p.add_argument("--out", default=None, help="llava-to-wds: shard pattern, e.g. shards/train-%%05d.tar")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     p.set_defaults(func=_cmd_convert)
     p = sub.add_parser("demo", help="train and evaluate the demo model on easy-vqa")
