@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. stages.0.train.steps=10 (repeatable)")
     p.add_argument("--run-dir", default=None, help="default: runs/<recipe name>")
-    p.add_argument("--resume", action="store_true", help="load finished stages' exports instead of retraining")
+    p.add_argument("--resume", action="store_true",
+                   help="load finished stages' exports and continue an unfinished stage from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("convert", help="convert a checkpoint (SRC DST: llava-hf, original LLaVA, MoE-LLaVA or CuMo "
