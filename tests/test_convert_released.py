@@ -86,6 +86,8 @@ def test_llava_original_layout_matches_llava_hf_logits(tmp_path, embed_tower, we
     assert main(["convert", str(src), str(dst)]) == 0
     reloaded = zoo.load(dst)
     assert torch.equal(zoo_logits(reloaded, ids, mask, pixels), zoo_logits(model, ids, mask, pixels))
+    direct = zoo.load(src)  # zoo.load reads the released layout too (the tower from the config's mm_vision_tower)
+    assert torch.equal(zoo_logits(direct, ids, mask, pixels), zoo_logits(model, ids, mask, pixels))
     assert reloaded.encode_prompt("w3 w4").count(image_id) == 1
 
 

@@ -91,20 +91,26 @@ def resolve_hub_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def load_dir(directory: str | Path, device: str | torch.device | None = None):
-    """Load a checkpoint directory: a zoo checkpoint, or a transformers ``LlavaForConditionalGeneration`` one
-    (llava-hf layout, converted exactly by :func:`zoo.convert.from_transformers`)."""
+    """Load a checkpoint directory: a zoo checkpoint, a transformers ``LlavaForConditionalGeneration`` one (llava-hf
+    layout, converted exactly by :func:`zoo.convert.from_transformers`) or a released LLaVA, MoE-LLaVA or CuMo one
+    (:func:`zoo.released.from_released`; their vision tower is read from the name in their config)."""
     from zoo.checkpoint import CONFIG_NAME, CheckpointError
     from zoo.model import ZooModel
+    from zoo.released import ReleasedCheckpointError, detect_layout, from_released
 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     try:
         meta = json.loads(config_path.read_text())
+        layout = detect_layout(meta)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: cannot read a checkpoint config ({e})") from e
-    if "zoo_format" in meta:
+    except ReleasedCheckpointError as e:
+        raise CheckpointError(f"{config_path}: neither a zoo checkpoint (no 'zoo_format'), a llava-hf one nor a "
+                              f"released LLaVA-family one ({e})") from e
+    if layout == "zoo":
         return ZooModel.from_pretrained(directory, device=device)
-    if meta.get("model_type") == "llava":
+    if layout == "llava-hf":
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
         from zoo.convert import from_transformers
@@ -112,13 +118,14 @@ def load_dir(directory: str | Path, device: str | torch.device | None = None):
         llava = LlavaForConditionalGeneration.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = from_transformers(llava, tokenizer).eval()
-        return model.to(device) if device is not None else model
-    raise CheckpointError(f"{config_path}: neither a zoo checkpoint (no 'zoo_format') nor a llava-hf one "
-                          f"(model_type {meta.get('model_type')!r})")
+    else:
+        model = from_released(directory)
+    return model.to(device) if device is not None else model
 
 
 def load(source: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None):
-    """Load a trained model from a local checkpoint dir (zoo or llava-hf layout), a Hugging Face hub id (offline
+    """Load a trained model from a local checkpoint dir (zoo, llava-hf, or a released LLaVA / MoE-LLaVA / CuMo
+    layout), a Hugging Face hub id (offline
     cache honoured; `cache_dir` overrides the hub cache location) or a catalogue name whose entry names released
     ``weights`` (the entry's name and prompt template then apply)."""
     path = Path(source)
