@@ -40,10 +40,22 @@ def _vision_config(config: VisionConfig):
         raise ValueError(f"vision.kwargs: transformers rejected the vision config: {e}") from e
 
 
+# Modules of a transformers vision tower that act after its last encoder layer (or on masked inputs only), so never
+# on ``hidden_states``: CLIP/SigLIP's post-layernorm, SigLIP's attention-pooling head, DINOv2's final layernorm and
+# mask token.
+_UNUSED_BY_HIDDEN_STATES = ("post_layernorm", "head", "pooler", "layernorm", "embeddings.mask_token")
+
+
 @ENCODERS.register("hf")
 class HFVisionTower(VisionExpert):
     """A transformers vision tower read through ``hidden_states[feature_layer]`` (LLaVA's ``default`` strategy
-    drops the CLS token)."""
+    drops the CLS token).
+
+    The whole tower is kept (its checkpoint layout stays transformers', e.g. llava-hf's), but the parameters that
+    cannot reach ``hidden_states[feature_layer]`` -- the encoder layers after it and the modules of
+    `_UNUSED_BY_HIDDEN_STATES` -- are frozen (``unused_parameters``): they never get a gradient, hold no optimiser
+    state and need no ``find_unused_parameters`` under DDP.
+    """
 
     def __init__(self, config: VisionConfig):
         super().__init__(config)
@@ -72,6 +84,22 @@ class HFVisionTower(VisionExpert):
         mean, std = _FAMILY_NORM.get(vcfg.model_type, _FAMILY_NORM["clip_vision_model"])
         self.mean = tuple(config.mean or mean)
         self.std = tuple(config.std or std)
+        self.unused_parameters = self._unused_parameter_names()
+        for name, param in self.model.named_parameters():
+            if name in self.unused_parameters:
+                param.requires_grad_(False)
+
+    def _unused_parameter_names(self) -> set[str]:
+        """Parameter names (in ``self.model``) that cannot affect ``hidden_states[feature_layer]``."""
+        layers = next((m for m in self.model.modules() if isinstance(m, torch.nn.ModuleList)
+                       and len(m) == self.hf_config.num_hidden_layers), None)
+        later = {id(p) for layer in (layers[self.block_index + 1:] if layers is not None else []) for p in
+                 layer.parameters()}
+        inner = getattr(self.model, "vision_model", self.model)
+        prefix = "vision_model." if inner is not self.model else ""
+        after = [f"{prefix}{name}" for name in _UNUSED_BY_HIDDEN_STATES]
+        return {name for name, p in self.model.named_parameters()
+                if id(p) in later or any(name == a or name.startswith(a + ".") for a in after)}
 
     def resolved_config(self) -> VisionConfig:
         resolved = super().resolved_config()
