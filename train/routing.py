@@ -36,11 +36,12 @@ class RoutingMonitor(L.Callback):
         self._window = RoutingTotals()
 
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
-        out = getattr(module, "last_output", None)
-        if out is None:
+        last = getattr(module, "last_routing", None)
+        if last is None:
             return
-        stats = dict(out.routing_stats)
-        stats.update(connector_routing_stats(out.routing, _connector_top_k(module.model.connector)))
+        lm_stats, connector_routing = last
+        stats = dict(lm_stats)
+        stats.update(connector_routing_stats(connector_routing, _connector_top_k(module.model.connector)))
         for layer, layer_stats in stats.items():
             self.totals.add(layer, layer_stats)
             self._window.add(layer, layer_stats)
