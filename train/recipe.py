@@ -271,15 +271,28 @@ def _stage_stream(model: ZooModel, recipe: RecipeConfig, stage: StageConfig, ind
                               seed=recipe.seed + index, epochs=10**6)
 
 
+def _is_main_process() -> bool:
+    """Rank 0 (or no distributed run): the one process that writes the run directory."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"  # torchrun's ranks before Lightning sets up the process group
+
+
 def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> ZooModel:
-    """Run every stage of ``recipe`` in ``run_dir`` (see the module docstring); returns the final model."""
+    """Run every stage of ``recipe`` in ``run_dir`` (see the module docstring); returns the final model. Under
+    data parallelism every rank trains and rank 0 writes the run directory."""
     import torch
+    import torch.distributed as dist
 
     from .routing import RoutingMonitor
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    main = _is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     info = {**_environment(), "recipe": recipe.name, "stages": {}}
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
@@ -305,6 +318,9 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, 
         train = dataclasses.replace(stage.train, seed=recipe.seed + i)
         module = fit(model, stream, train, run_dir=stage_dir, progress=progress, resume=resume, callbacks=[monitor])
         seconds = time.perf_counter() - start
+        if not main:
+            dist.barrier()  # rank 0 writes the stage's files
+            continue
         model.save_pretrained(export)
         losses = [float(v) for v in module.losses]
         k = max(1, len(losses) // 5)
@@ -323,6 +339,9 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, 
         os.replace(tmp, done)  # the stage counts as done only once its export is complete
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
         (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    if main:
+        (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     model.eval()
     return model

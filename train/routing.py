@@ -52,6 +52,13 @@ class RoutingMonitor(L.Callback):
                                  f"{key}/imbalance": row["imbalance"]}, batch_size=batch["input_ids"].shape[0])
             self._window = RoutingTotals()
 
+    def state_dict(self) -> dict:
+        """The stage's totals so far: saved in training checkpoints, so a resumed stage reports all its steps."""
+        return {"totals": self.totals.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.totals.load_state_dict(state["totals"])
+
     def rows(self) -> list[dict]:
         """`zoo.analysis.routing_load_table` rows over everything seen so far."""
         return routing_load_table(self.totals.stats())

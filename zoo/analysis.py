@@ -81,6 +81,13 @@ class RoutingTotals:
     def __bool__(self) -> bool:
         return bool(self._sums)
 
+    def state_dict(self) -> dict:
+        """The sums (tensors and numbers), e.g. for a training checkpoint."""
+        return {layer: {m: list(sums) for m, sums in by.items()} for layer, by in self._sums.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sums = {layer: {m: list(sums) for m, sums in by.items()} for layer, by in state.items()}
+
 
 def routing_load_table(stats_by_layer: Mapping[str, RoutingStats]) -> list[dict]:
     """One row per layer and modality (``all``, then ``image`` / ``text`` where known): ``layer``, ``modality``,
