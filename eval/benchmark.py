@@ -94,6 +94,10 @@ class Benchmark:
                                      f"{self._file_names()}")
         return samples[:limit] if limit is not None else samples
 
+    def count_questions(self, samples: Sequence[Sample]) -> int:
+        """Questions among ``samples`` (one sample per question, except where a question is asked several times)."""
+        return len(samples)
+
     def path(self, *parts: str) -> Path:
         """A file of the release under ``root``; an error names it (and what the folder holds) if it is missing."""
         if self.root is None:

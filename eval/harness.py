@@ -60,19 +60,6 @@ def distributed_context() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed_from_env(device: str | None = None) -> str | None:
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL on GPUs, else gloo) and return this
-    process's device (``cuda:<LOCAL_RANK>`` unless ``device`` is given). Otherwise return ``device`` unchanged."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return device
-    cuda = torch.cuda.is_available()
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    if device is None and cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    return device
-
-
 def shard(items: Sequence, rank: int, world_size: int) -> list:
     """The items rank ``rank`` of ``world_size`` answers: every ``world_size``-th from ``rank`` (disjoint, covering,
     sizes differ by at most one)."""
@@ -252,7 +239,7 @@ def evaluate_benchmark(model, benchmark: Benchmark, out_dir: str | Path | None =
     outputs = [r["text"] for r in records]
     scores = benchmark.score(samples, outputs)
     seconds = time.perf_counter() - started
-    record = {**settings, "samples": len(samples), "limit": limit, "world_size": world_size,
+    record = {**settings, "questions": benchmark.count_questions(samples), "samples": len(samples), "limit": limit, "world_size": world_size,
               "prompt_example": records[0]["prompt"], "scores": scores, "summary_metrics": list(benchmark.metrics),
               "predictions": f"{benchmark.name}/predictions.jsonl" if store is not None else None,
               "timing": {"seconds": round(seconds, 3), "generated": len(todo),
@@ -319,10 +306,31 @@ def _previous_results(path: Path, info: dict[str, Any]) -> dict[str, Any]:
 
 def results_table(results: dict[str, Any]) -> str:
     """The Markdown table across benchmarks: one row each, its main score and the other summary scores."""
-    lines = ["| benchmark | split | samples | metric | score | more |", "|---|---|---:|---|---:|---|"]
+    lines = ["| benchmark | split | questions | metric | score | more |", "|---|---|---:|---|---:|---|"]
     for name, entry in results["benchmarks"].items():
         keys = [k for k in entry["summary_metrics"] if k in entry["scores"]] or list(entry["scores"])[:1]
         more = ", ".join(f"{k} {entry['scores'][k]:.2f}" for k in keys[1:])
-        lines.append(f"| {name} | {entry['benchmark']['split']} | {entry['samples']} | {keys[0]} | "
+        lines.append(f"| {name} | {entry['benchmark']['split']} | {entry['questions']} | {keys[0]} | "
                      f"{entry['scores'][keys[0]]:.2f} | {more} |")
     return "\n".join(lines)
+
+
+def evaluate_command(model: str, benchmarks: str, device: str | None = None, **options) -> dict[str, Any]:
+    """``zoo eval``: :func:`evaluate`, then the table printed by rank 0. Under ``torchrun`` (``WORLD_SIZE`` > 1)
+    the process joins the group first (NCCL on GPUs, on ``cuda:<LOCAL_RANK>``; gloo on CPUs) and leaves it after."""
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized()
+    if joined:
+        cuda = torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        if device is None and cuda:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+    rank = distributed_context()[0]
+    try:
+        results = evaluate(model, benchmarks, device=device, **options)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(results_table(results))
+    return results

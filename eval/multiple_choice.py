@@ -192,6 +192,9 @@ class MMBench(_ChoiceBenchmark):
         kept = set(list(dict.fromkeys(s.meta["index"] for s in samples))[:limit])
         return [s for s in samples if s.meta["index"] in kept]
 
+    def count_questions(self, samples: Sequence[Sample]) -> int:
+        return len({s.meta["index"] for s in samples})
+
     def score(self, samples: Sequence[Sample], outputs: Sequence[str]) -> dict[str, float]:
         def circular(rows: Sequence[Sample], texts: Sequence[str]) -> dict[str, float]:
             metric = CircularAccuracy(match_text=self.match_text)
