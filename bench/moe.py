@@ -11,8 +11,8 @@ gradient g (fixed random), i.e. one step is ``y = layer(x); y.backward(g)``:
 
 - ``zoo <backend>``: `zoo.moe.MoELayer` with each dispatch backend (loop, grouped, padded), balance and z losses
   off (``balance_loss=None, z_loss=False``) so that only router + FFN + dispatch are timed; ``zoo grouped`` uses
-  torch's grouped_mm kernel where it runs (``zoo.moe.kernels.GROUPED_MM = "auto"``), ``zoo grouped/segments`` the
-  one-matmul-per-expert fallback (``GROUPED_MM = "segments"``);
+  the kernel `zoo.moe.kernels` picks (``GROUPED_MM = "auto"``: `ExpertSegments` on the CPU), ``zoo grouped/native``
+  torch's grouped_mm kernel on the same layer (``GROUPED_MM = "native"``);
 - ``hf <impl>``: transformers' ``MixtralSparseMoeBlock`` with the same weights (`zoo.moe.to_transformers`), experts
   implementation ``grouped_mm`` or ``eager``;
 - ``dense``: a SwiGLU FFN of width k*f, i.e. the same active expert parameters per token (no router).
@@ -95,7 +95,7 @@ def build(shape: str, device: torch.device, seed: int) -> tuple[list[Candidate],
         layer = copy.deepcopy(base)
         layer.set_backend(backend)
         out.append(Candidate(f"zoo {backend}", layer, lambda x, m=layer: m(x).output))
-    out.append(Candidate("zoo grouped/segments", out[1].module, out[1].fn, grouped_mm="segments"))
+    out.append(Candidate("zoo grouped/native", out[1].module, out[1].fn, grouped_mm="native"))
     for impl in ("grouped_mm", "eager"):
         block = to_transformers(base, kind="mixtral", experts_implementation=impl).to(device)
         out.append(Candidate(f"hf {impl}", block, block))

@@ -508,11 +508,61 @@ def test_to_transformers_names_what_the_block_cannot_express():
 
 
 def test_fused_weighted_swiglu_gradients():
-    from zoo.moe.kernels import SegmentMatmul, WeightedSwiGLU
+    from zoo.moe.kernels import WeightedSwiGLU
 
     h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
     w = torch.rand(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(WeightedSwiGLU.apply, (h, w))
-    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: SegmentMatmul.apply(a, b, [4, 0, 5]), (x, weights))
+
+
+EXPERT_FORMS = {  # (form, activation, bias): the hand-written silu gradient and the autograd-per-expert one
+    "swiglu_silu": ("swiglu", "silu", False), "swiglu_gelu_bias": ("swiglu", "gelu", True),
+    "mlp_gelu_bias": ("mlp", "gelu_new", True),
+}
+
+
+def _segment_inputs(dtype, form, activation, bias, width_in=5, width_out=4):
+    """A 3-expert bank with an empty middle expert and a token routed twice to the same expert."""
+    from zoo.moe.kernels import expert_segments
+
+    torch.manual_seed(7)
+    experts = StackedExperts(3, width_out, 6, form, activation, bias).to(dtype)
+    experts.w_in = nn.Parameter(torch.randn(3, width_in, experts.w_in.shape[2], dtype=dtype))  # in != out width
+    x = torch.randn(6, width_in, dtype=dtype, requires_grad=True)
+    token = torch.tensor([0, 2, 2, 5, 1, 3, 4, 0])
+    gate = torch.rand(8, dtype=dtype, requires_grad=True)
+    params = (experts.w_in, experts.b_in, experts.w_out, experts.b_out)
+
+    def run(x, gate, *params):
+        return expert_segments(x, token, gate, [3, 0, 5], *params, form, activation, experts.act_fn)
+    return run, (x, gate, *params), experts, token, gate
+
+
+@pytest.mark.parametrize("case", list(EXPERT_FORMS))
+def test_expert_segments_gradcheck(case):
+    run, inputs, *_ = _segment_inputs(torch.float64, *EXPERT_FORMS[case])
+    assert torch.autograd.gradcheck(run, inputs)
+
+
+@pytest.mark.parametrize("case", list(EXPERT_FORMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_segments_match_the_per_expert_oracle(case, dtype):
+    """Outputs and all gradients against the loop oracle's per-expert math, with an empty expert, in fp32 and bf16."""
+    run, inputs, experts, token, gate = _segment_inputs(dtype, *EXPERT_FORMS[case])
+    x = inputs[0]
+    params = [t for t in inputs[2:] if t is not None]
+    y = run(*inputs)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, gate, *params], g)
+    ref = torch.zeros_like(y)
+    expert = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2])
+    for s in range(8):
+        ref = ref.index_add(0, token[s:s + 1], experts.forward_expert(int(expert[s]), x[token[s:s + 1]]) * gate[s])
+    ref_grads = torch.autograd.grad(ref, [x, gate, *params], g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(y, ref, **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol)
+    assert torch.all(grads[2][1] == 0), "the empty expert's input weights get a zero gradient"
+    with torch.no_grad():  # inference keeps no pre-activations: same outputs
+        assert torch.equal(run(*inputs), y.detach())

@@ -4,8 +4,9 @@ All backends take the same arguments, ``(experts, x [T, d], token [S], expert [S
 for the slots that survived capacity (null-expert slots removed), and give the same outputs and gradients:
 
 - ``loop``: the oracle; one ``where`` and three matmuls per expert, ``index_add_`` back.
-- ``grouped``: slots sorted by expert, one grouped matmul per projection (`zoo.moe.kernels.grouped_matmul`),
-  gates folded into the activations, one ``index_add_`` back. Dropless; the default.
+- ``grouped``: slots sorted by expert, then the expert kernels of `zoo.moe.kernels` (gather, both projections
+  with the gates folded into the activations, and the combine in one autograd node on the CPU; torch's grouped
+  matmul per projection on accelerators). Dropless; the default.
 - ``padded``: GShard layout: slots scattered into per-expert buffers [E, C, d] (C = the fullest expert's load, at
   most the capacity), one ``bmm`` per projection, gathered back. Spends FLOPs on padding; kept for reproduction.
 """
@@ -46,12 +47,11 @@ def loop_dispatch(experts: StackedExperts, x: torch.Tensor, token: torch.Tensor,
 @DISPATCHERS.register("grouped")
 def grouped_dispatch(experts: StackedExperts, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
                      weight: torch.Tensor) -> torch.Tensor:
-    """Sort slots by expert, run every expert's rows with one grouped matmul per projection, scatter-add back."""
+    """Sort slots by expert and run all experts on their segments (`StackedExperts.forward_grouped`)."""
     order = torch.argsort(expert, stable=True)
     expert_sorted, token_sorted = expert[order], token[order]
     counts = torch.bincount(expert_sorted, minlength=experts.num_experts)
-    out = experts.forward_sorted(x.index_select(0, token_sorted), expert_sorted, counts, weight[order])
-    return _combine(x, token_sorted, out)
+    return experts.forward_grouped(x, token_sorted, expert_sorted, counts, weight[order])
 
 
 @DISPATCHERS.register("padded")

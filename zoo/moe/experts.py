@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from zoo.moe.kernels import WeightedSwiGLU, grouped_matmul
+from zoo.moe import kernels
+from zoo.moe.kernels import WeightedSwiGLU, activate, expert_segments, grouped_matmul
 
 # Probe order: the first transformers activation that reproduces a module's outputs names it.
 _ACTIVATION_ORDER = (
@@ -65,7 +66,7 @@ class DenseFFN:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h = x @ self.w_in + (self.b_in if self.b_in is not None else 0)
-        h = _activate(h, self.form, ACT2FN[self.activation])
+        h = activate(h, self.form, ACT2FN[self.activation])
         return h @ self.w_out + (self.b_out if self.b_out is not None else 0)
 
     def segments(self, m: int) -> list[DenseFFN]:
@@ -88,13 +89,6 @@ class DenseFFN:
                 None if self.b_out is None else self.b_out / m,
             ))
         return parts
-
-
-def _activate(h: torch.Tensor, form: str, act) -> torch.Tensor:
-    if form == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(h)
 
 
 def _linear_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -233,35 +227,40 @@ class StackedExperts(nn.Module):
         h = x @ self.w_in[e]
         if self.b_in is not None:
             h = h + self.b_in[e]
-        h = _activate(h, self.form, self.act_fn) @ self.w_out[e]
+        h = activate(h, self.form, self.act_fn) @ self.w_out[e]
         return h + self.b_out[e] if self.b_out is not None else h
 
-    def forward_sorted(self, x: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor
-                       ) -> torch.Tensor:
-        """Rows sorted by expert (``expert`` [N] ascending, ``counts`` [E]) -> gate-weighted outputs [N, d].
+    def forward_grouped(self, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor,
+                        gate: torch.Tensor) -> torch.Tensor:
+        """Slots sorted by expert (``expert`` [S] ascending, ``counts`` [E]; ``token`` [S] and ``gate`` [S] in the
+        same order) -> ``y [T, d] = sum_s gate_s * expert_{e_s}(x[token_s])`` for x [T, d].
 
-        The gate ``weight`` [N] multiplies the activations before the down projection, where they are narrower
-        for swiglu experts.
+        The gate multiplies the activations before the down projection, where they are narrower for swiglu
+        experts. Kernels: `zoo.moe.kernels` (torch's grouped_mm where it pays, else `ExpertSegments`).
         """
-        counts_list = counts.tolist()
-        h = grouped_matmul(x, self.w_in, counts, counts_list)
+        gate = gate.to(x.dtype)
+        if not kernels.use_native(x, self.w_in):
+            return expert_segments(x, token, gate, counts.tolist(), self.w_in, self.b_in, self.w_out, self.b_out,
+                                   self.form, self.activation, self.act_fn)
+        h = grouped_matmul(x.index_select(0, token), self.w_in, counts)
         if self.b_in is not None:
             h = h + self.b_in[expert]
-        if self.form == "swiglu" and self.activation in ("silu", "swish"):
-            h = WeightedSwiGLU.apply(h, weight.to(h.dtype))
+        if kernels.is_silu_swiglu(self.form, self.activation):
+            h = WeightedSwiGLU.apply(h, gate)
         else:
-            h = _activate(h, self.form, self.act_fn) * weight.to(h.dtype).unsqueeze(-1)
-        out = grouped_matmul(h, self.w_out, counts, counts_list)
+            h = activate(h, self.form, self.act_fn) * gate.unsqueeze(-1)
+        out = grouped_matmul(h, self.w_out, counts)
         if self.b_out is not None:
-            out = out + self.b_out[expert] * weight.to(out.dtype).unsqueeze(-1)
-        return out
+            out = out + self.b_out[expert] * gate.unsqueeze(-1)
+        y = torch.zeros(x.shape[0], out.shape[1], dtype=out.dtype, device=out.device)
+        return y.index_add_(0, token, out)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         """Capacity buffers [E, C, d] -> [E, C, d] with one batched matmul per projection."""
         h = torch.bmm(x, self.w_in)
         if self.b_in is not None:
             h = h + self.b_in.unsqueeze(1)
-        h = torch.bmm(_activate(h, self.form, self.act_fn), self.w_out)
+        h = torch.bmm(activate(h, self.form, self.act_fn), self.w_out)
         return h + self.b_out.unsqueeze(1) if self.b_out is not None else h
 
     # -- conversion ---------------------------------------------------------------------------------------------

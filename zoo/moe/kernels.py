@@ -1,21 +1,28 @@
-"""Grouped matrix multiply over expert segments: rows sorted by expert, one weight matrix per expert.
+"""Expert kernels of the ``grouped`` dispatch: all experts on their token segments with few, small buffers.
 
-`grouped_matmul(x, w, counts)` computes, for every expert e, ``x[rows of e] @ w[e]``. Two implementations:
+Slots are sorted by expert: expert e owns ``counts[e]`` consecutive slots, each a (token, gate) pair. Two kernels
+compute ``y[t] = sum over slots s of t: gate_s * expert_{e_s}(x[t])``:
 
-- ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``): one kernel call for all experts. Used wherever it
+- `ExpertSegments` (the default on the CPU, and the fallback everywhere): one autograd node for the whole expert
+  bank. Per expert it gathers its tokens into a small reused buffer, runs the input projection, the activation
+  (gate folded in) and the output projection, and adds the result into y; the backward walks the experts again
+  by hand. It keeps only the input projection's output [S, width_in] for the backward and never materialises a
+  [S, d] copy of the tokens, of the outputs or of their gradients: on a CPU those buffers were the difference
+  to a dense FFN (every buffer above glibc's 32 MB mmap limit is freshly page-faulted on each step).
+- `grouped_matmul` + `WeightedSwiGLU`: ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``), one kernel
+  call per projection for all experts, over tokens gathered into [S, d]. Used on accelerators wherever the kernel
   runs: it must exist, pass a small self-test once per device type and dtype (CUDA needs sm80+ and bf16/fp16 in
-  most builds; torch 2.14 also has a CPU kernel) and see 16-byte aligned rows and pointers.
-- `SegmentMatmul`: one ``torch.mm`` per non-empty segment, forward and backward, writing into preallocated
-  outputs (no per-expert ``where``, no zero-filled [E, d, f] gradients). The fallback everywhere else.
+  most builds) and see 16-byte aligned rows and pointers.
 
-On this project's 2-core CPU the two measured within a few percent of each other, the torch kernel slightly ahead
-(bench/moe.py prints both). ``GROUPED_MM`` selects: "auto" (the rules above), "native" (always the torch kernel),
-"segments" (never).
+``GROUPED_MM`` selects: "auto" (torch's kernel off the CPU where the rules above allow, else `ExpertSegments`),
+"native" (always torch's kernel; it also runs on the CPU in torch 2.14) or "segments" (always `ExpertSegments`).
+bench/moe.py prints both kernels side by side.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 GROUPED_MM = "auto"
 _NATIVE_OK: dict[tuple[str, torch.dtype], bool] = {}
@@ -25,48 +32,14 @@ def _native_fn():
     return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-class SegmentMatmul(torch.autograd.Function):
-    """``out[rows of e] = x[rows of e] @ w[e]`` for consecutive row segments of the given sizes."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        out = x.new_empty(x.shape[0], w.shape[2])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(x[start:start + n], w[e], out=out[start:start + n])
-            start += n
-        ctx.save_for_backward(x, w)
-        ctx.counts = counts
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, w = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            rows = slice(start, start + n)
-            if n and grad_x is not None:
-                torch.mm(grad[rows], w[e].t(), out=grad_x[rows])
-            if grad_w is not None:
-                if n:
-                    torch.mm(x[rows].t(), grad[rows], out=grad_w[e])
-                else:
-                    grad_w[e].zero_()
-            start += n
-        return grad_x, grad_w, None
-
-
-def _native_allowed(x: torch.Tensor, w: torch.Tensor) -> bool:
+def use_native(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Should ``x @ w[e]`` over expert segments run on torch's grouped_mm kernel (see ``GROUPED_MM``)?"""
     fn = _native_fn()
     if fn is None or GROUPED_MM == "segments":
         return False
     if GROUPED_MM == "native":
         return True
-    if w.dtype != x.dtype:
+    if x.device.type == "cpu" or w.dtype != x.dtype:
         return False
     if (x.shape[1] * x.element_size()) % 16 or (w.shape[2] * w.element_size()) % 16:
         return False
@@ -91,13 +64,59 @@ def _self_test(fn, device: torch.device, dtype: torch.dtype) -> bool:
     return bool(torch.all(out == 16)) and bool(torch.all(b.grad == 16))
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
-    """[N, a] rows sorted by expert (``counts`` rows for expert e, in order) times w [E, a, b] -> [N, b]."""
-    x = x.contiguous()
-    if _native_allowed(x, w):
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        return _native_fn()(x, w, offs=offsets)
-    return SegmentMatmul.apply(x, w, counts_list)
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Torch's grouped kernel: [S, a] rows sorted by expert (``counts`` rows for expert e) times w [E, a, b]."""
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    return _native_fn()(x.contiguous(), w, offs=offsets)
+
+
+# -- activations ----------------------------------------------------------------------------------------------
+def activate(h: torch.Tensor, form: str, act) -> torch.Tensor:
+    """``act(gate) * up`` of ``h = [gate | up]`` (swiglu) or ``act(h)`` (mlp)."""
+    if form == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
+
+
+def is_silu_swiglu(form: str, activation: str) -> bool:
+    """Does the hand-written SwiGLU gradient apply (swiglu form with silu)?"""
+    return form == "swiglu" and activation in ("silu", "swish")
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``h = [gate | up]`` [n, 2f] -> [n, f]."""
+    f = h.shape[1] // 2
+    return F.silu(h[:, :f]).mul_(h[:, f:])
+
+
+def swiglu_parts(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sigmoid(gate), silu(gate), silu(gate) * up)`` of ``h = [gate | up]``: what the backward needs, with a
+    single transcendental pass."""
+    f = h.shape[1] // 2
+    gate, up = h[:, :f], h[:, f:]
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    return sig, silu, silu * up
+
+
+def swiglu_backward(h: torch.Tensor, sig: torch.Tensor, silu: torch.Tensor, grad: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+    """Gradient wrt ``h = [gate | up]`` of ``swiglu(h)`` given its output gradient ``grad`` [n, f], written into
+    ``out`` [n, 2f]; ``sig``, ``silu`` from `swiglu_parts` (``sig`` is overwritten)."""
+    f = h.shape[1] // 2
+    torch.mul(grad, silu, out=out[:, f:])
+    sig.addcmul_(silu, 1 - sig)  # d silu(g) / dg = sigmoid(g) + silu(g) (1 - sigmoid(g))
+    torch.mul(grad, h[:, f:], out=out[:, :f]).mul_(sig)
+    return out
+
+
+def _activation_backward(h: torch.Tensor, grad: torch.Tensor, form: str, act) -> torch.Tensor:
+    """Gradient wrt h of ``activate(h)`` given its output gradient (any activation, through autograd)."""
+    with torch.enable_grad():
+        h = h.detach().requires_grad_(True)
+        (grad_h,) = torch.autograd.grad(activate(h, form, act), h, grad)
+    return grad_h
 
 
 class WeightedSwiGLU(torch.autograd.Function):
@@ -107,23 +126,121 @@ class WeightedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        f = h.shape[1] // 2
-        gate, up = h[:, :f], h[:, f:]
-        out = torch.nn.functional.silu(gate)
-        out.mul_(up).mul_(weight.unsqueeze(1))
         ctx.save_for_backward(h, weight)
-        return out
+        return swiglu(h).mul_(weight.unsqueeze(1))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         h, weight = ctx.saved_tensors
-        f = h.shape[1] // 2
-        gate, up = h[:, :f], h[:, f:]
-        w = weight.unsqueeze(1)
-        grad_h = torch.empty_like(h)
-        act = torch.nn.functional.silu(gate)
-        grad_up = torch.mul(grad, up)  # d/d(act) before the gate weight
-        grad_w = torch.linalg.vecdot(grad_up, act) if ctx.needs_input_grad[1] else None
-        torch.ops.aten.silu_backward.grad_input(grad_up.mul_(w), gate, grad_input=grad_h[:, :f])
-        torch.mul(grad, act, out=grad_h[:, f:]).mul_(w)
-        return grad_h, grad_w
+        sig, silu, act = swiglu_parts(h)
+        grad_w = torch.linalg.vecdot(grad, act) if ctx.needs_input_grad[1] else None
+        return swiglu_backward(h, sig, silu, grad * weight.unsqueeze(1), torch.empty_like(h)), grad_w
+
+
+class ExpertSegments(torch.autograd.Function):
+    """``y [T, c] = sum_s gate_s * expert_{e_s}(x[token_s])`` over slots sorted by expert, in one autograd node.
+
+    ``apply(x [T, a], token [S], gate [S], counts (list of E ints), w_in [E, a, b], b_in [E, b] | None,
+    w_out [E, f, c], b_out [E, c] | None, form, activation, act_fn)`` with b = 2f (swiglu) or f (mlp).
+    Expert e's slots are ``counts[e]`` consecutive entries of ``token``/``gate``. The gate multiplies the
+    activations, so it reaches the output bias too: ``gate * (act(x w_in + b_in) w_out + b_out)``.
+
+    Saved for the backward: x, the parameters and the pre-activations [S, b]; every per-expert temporary is at most
+    the largest segment and is reused from expert to expert. SwiGLU with silu has a hand-written activation
+    gradient; other activations differentiate through autograd, one expert at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn):
+        y, pre = _segments_forward(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn, True)
+        ctx.save_for_backward(x, token, gate, w_in, b_in, w_out, b_out, pre)
+        ctx.counts, ctx.form, ctx.activation, ctx.act_fn = counts, form, activation, act_fn
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, token, gate, w_in, b_in, w_out, b_out, pre = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_y = grad_y.contiguous()
+        grad_x = torch.zeros_like(x) if need[0] else None
+        grad_gate = torch.empty_like(gate) if need[2] else None
+        grad_w_in = torch.empty_like(w_in) if need[4] else None
+        grad_b_in = torch.empty_like(b_in) if need[5] else None
+        grad_w_out = torch.empty_like(w_out) if need[6] else None
+        grad_b_out = torch.empty_like(b_out) if need[7] else None
+        largest = max(ctx.counts, default=0)
+        rows_in, rows_out = x.new_empty(largest, x.shape[1]), x.new_empty(largest, w_out.shape[2])
+        grad_pre = pre.new_empty(largest, pre.shape[1])
+        hand_swiglu = is_silu_swiglu(ctx.form, ctx.activation)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if not n:
+                for g in (grad_w_in, grad_w_out, grad_b_in, grad_b_out):
+                    if g is not None:
+                        g[e].zero_()
+                continue
+            seg, tok = slice(start, start + n), token[start:start + n]
+            g_e, h = gate[seg].unsqueeze(1), pre[seg]
+            dy = torch.index_select(grad_y, 0, tok, out=rows_out[:n])
+            if hand_swiglu:
+                sig, silu_gate, act = swiglu_parts(h)
+            else:
+                act = activate(h, ctx.form, ctx.act_fn)
+            if grad_w_out is not None:
+                torch.mm((act * g_e).t(), dy, out=grad_w_out[e])
+            if grad_b_out is not None:
+                torch.mv(dy.t(), gate[seg], out=grad_b_out[e])
+            grad_act = dy @ w_out[e].t()  # wrt the gated activations
+            if grad_gate is not None:
+                torch.linalg.vecdot(grad_act, act, out=grad_gate[seg])
+                if b_out is not None:
+                    grad_gate[seg] += dy @ b_out[e]
+            grad_act.mul_(g_e)
+            if hand_swiglu:
+                grad_h = swiglu_backward(h, sig, silu_gate, grad_act, grad_pre[:n])
+            else:
+                grad_h = _activation_backward(h, grad_act, ctx.form, ctx.act_fn)
+            if grad_b_in is not None:
+                torch.sum(grad_h, 0, out=grad_b_in[e])
+            if grad_w_in is not None:
+                xe = torch.index_select(x, 0, tok, out=rows_in[:n])
+                torch.mm(xe.t(), grad_h, out=grad_w_in[e])
+            if grad_x is not None:
+                grad_x.index_add_(0, tok, torch.mm(grad_h, w_in[e].t(), out=rows_in[:n]))
+            start += n
+        return (grad_x, None, grad_gate, None, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None)
+
+
+def expert_segments(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn) -> torch.Tensor:
+    """`ExpertSegments` (same arguments); without an autograd node, and without keeping the pre-activations, when
+    nothing needs a gradient (inference)."""
+    tensors = (x, gate, w_in, b_in, w_out, b_out)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return ExpertSegments.apply(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn)
+    return _segments_forward(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn, False)[0]
+
+
+def _segments_forward(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn, keep: bool):
+    """The forward of `ExpertSegments` -> (y, pre-activations [S, b] if ``keep`` else None)."""
+    largest = max(counts, default=0)
+    y = x.new_zeros(x.shape[0], w_out.shape[2])
+    pre = x.new_empty(token.shape[0] if keep else largest, w_in.shape[2])
+    rows_in, rows_out = x.new_empty(largest, x.shape[1]), x.new_empty(largest, w_out.shape[2])
+    hand_swiglu = is_silu_swiglu(form, activation)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            seg, tok, g_e = slice(start, start + n), token[start:start + n], gate[start:start + n].unsqueeze(1)
+            xe = torch.index_select(x, 0, tok, out=rows_in[:n])
+            h = pre[seg] if keep else pre[:n]
+            if b_in is None:
+                torch.mm(xe, w_in[e], out=h)
+            else:
+                torch.addmm(b_in[e], xe, w_in[e], out=h)
+            act = swiglu(h) if hand_swiglu else activate(h, form, act_fn)
+            out = torch.mm(act.mul_(g_e), w_out[e], out=rows_out[:n])
+            if b_out is not None:
+                out.addcmul_(g_e, b_out[e])
+            y.index_add_(0, tok, out)
+        start += n
+    return y, pre if keep else None
