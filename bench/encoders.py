@@ -9,6 +9,7 @@ Setup (all random weights, built from configs; easy-vqa images at 64 px, resized
 
 - vision: a two-expert tower, CLIP-style (transformers CLIP, width 256, 6 layers, 112 px, patch 14: 8x8 tokens)
   + DINOv2-style (timm ViT with 4 registers, width 256, 6 layers, 112 px), frozen, channel-fused on the 8x8 grid;
+  and a four-expert tower (MoCHA's families: those two + SigLIP-style + ConvNeXt-style, each 8x8 tokens);
 - connector: ``mlp2x_gelu`` (trainable); LM: Llama, width 256, 4 layers (frozen, as in LLaVA's align stage:
   gradients still flow through it to the connector).
 
@@ -18,7 +19,9 @@ once before timing; its build time is reported on its own). The losses of the tw
 equal: the cache holds bitwise the live features). ``fusion``: one forward of the tower alone per image batch, for
 each expert alone and fused by channel and by sequence concatenation.
 
-Columns: median ms over the timed steps, taken round-robin. Target: cached align steps >= 2x faster than live.
+Columns: median ms over the timed steps, taken round-robin. Target: cached align steps >= 2x faster than live. The
+speed-up is bounded by the share of the step the frozen experts take: what remains with the cache is the connector
+and the frozen LM's forward and backward (to the connector), so it grows with the number and size of the experts.
 Results depend on the machine, threads and torch build.
 """
 
@@ -42,18 +45,24 @@ CLIP = {"kind": "hf", "frozen": True, "kwargs": {
     "num_attention_heads": 4, "image_size": 112, "patch_size": 14}}
 DINO = {"kind": "timm", "name": "vit_large_patch14_reg4_dinov2", "image_size": 112, "frozen": True,
         "kwargs": {"embed_dim": 256, "depth": 6, "num_heads": 4}}
+SIGLIP = {"kind": "hf", "frozen": True, "kwargs": {
+    "model_type": "siglip_vision_model", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6,
+    "num_attention_heads": 4, "image_size": 112, "patch_size": 14}}
+CONVNEXT = {"kind": "timm", "name": "convnext_atto", "image_size": 128, "frozen": True, "feature_layer": 2,
+            "kwargs": {"depths": [2, 2, 6, 2], "dims": [64, 128, 256, 256]}}  # stride-16 stage: 8x8
+SETUPS = {"two-expert": [CLIP, DINO], "four-expert": [CLIP, SIGLIP, DINO, CONVNEXT]}
 
 
 def build_model(setup: str = "two-expert") -> zoo.ZooModel:
-    """``two-expert``: the fused CLIP + DINOv2 setup of the module docstring; ``demo``: tiny-llava (the demo model:
-    ConvNeXt-atto front end, Llama 128 x 2 layers) with its vision frozen."""
+    """``two-expert``: the fused CLIP + DINOv2 setup of the module docstring; ``four-expert``: CLIP + SigLIP +
+    DINOv2 + ConvNeXt (MoCHA's four families, each 8x8 tokens), channel-fused, same LM; ``demo``: tiny-llava (the
+    demo model: ConvNeXt-atto front end, Llama 128 x 2 layers) with its vision frozen."""
     config = zoo.get_config("tiny-llava")
     config.name = "bench-encoders"
     if setup == "demo":
         config.vision.frozen = True
     else:
-        config.vision = [from_dict(VisionConfig, dict(CLIP), path="vision[0]"),
-                         from_dict(VisionConfig, dict(DINO), path="vision[1]")]
+        config.vision = [from_dict(VisionConfig, dict(e), path=f"vision[{i}]") for i, e in enumerate(SETUPS[setup])]
         config.fusion = FusionConfig(mode="channel")
         config.lm.config = {**config.lm.config, "hidden_size": 256, "intermediate_size": 1024,
                             "num_hidden_layers": 4}
@@ -81,7 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--setup", choices=["two-expert", "demo", "both"], default="both")
+    parser.add_argument("--setup", choices=["two-expert", "four-expert", "demo", "all"], default="all")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +104,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}; {args.steps} timed "
           f"steps after 2 warmup steps")
-    for setup in (["two-expert", "demo"] if args.setup == "both" else [args.setup]):
+    for setup in (["two-expert", "four-expert", "demo"] if args.setup == "all" else [args.setup]):
         run(setup, split, args)
 
 
