@@ -544,10 +544,23 @@ def test_expert_segments_gradcheck(case):
     assert torch.autograd.gradcheck(run, inputs)
 
 
+def test_expert_blocks_split_by_rows_and_keep_whole_experts(monkeypatch):
+    from zoo.moe import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", 80)  # 8 rows of width 10; an expert of 9 rows gets its own block
+    assert kernels.expert_blocks([3, 0, 5, 2, 9], width=10) == [(0, 3, 0, 8), (3, 4, 8, 10), (4, 5, 10, 19)]
+    assert kernels.expert_blocks([0, 0], width=10) == [(0, 2, 0, 0)]
+
+
 @pytest.mark.parametrize("case", list(EXPERT_FORMS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_segments_match_the_per_expert_oracle(case, dtype):
-    """Outputs and all gradients against the loop oracle's per-expert math, with an empty expert, in fp32 and bf16."""
+@pytest.mark.parametrize("block_elements", [1, 1 << 21], ids=["expert_per_block", "one_block"])
+def test_expert_segments_match_the_per_expert_oracle(case, dtype, block_elements, monkeypatch):
+    """Outputs and all gradients against the loop oracle's per-expert math, with an empty expert, in fp32 and bf16,
+    one expert per block and all in one block."""
+    from zoo.moe import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", block_elements)
     run, inputs, experts, token, gate = _segment_inputs(dtype, *EXPERT_FORMS[case])
     x = inputs[0]
     params = [t for t in inputs[2:] if t is not None]

@@ -137,6 +137,34 @@ class WeightedSwiGLU(torch.autograd.Function):
         return swiglu_backward(h, sig, silu, grad * weight.unsqueeze(1), torch.empty_like(h)), grad_w
 
 
+BLOCK_ELEMENTS = 1 << 21  # rows per block of experts: about this many elements in its widest [rows, width] buffer
+
+
+def expert_blocks(counts: list[int], width: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive experts grouped into blocks ``(first expert, end expert, first row, end row)`` of about
+    ``BLOCK_ELEMENTS // width`` rows (at least one expert each), so that gathers, activations and the combine run
+    once per block on a cache-sized buffer instead of once per expert (fine-grained experts have small segments)."""
+    budget = max(1, BLOCK_ELEMENTS // width)
+    blocks, first, row, rows = [], 0, 0, 0
+    for e, n in enumerate(counts):
+        if rows and rows + n > budget:
+            blocks.append((first, e, row, row + rows))
+            first, row, rows = e, row + rows, 0
+        rows += n
+    if counts:
+        blocks.append((first, len(counts), row, row + rows))
+    return blocks
+
+
+def _segments(counts: list[int], first: int, end: int):
+    """(expert, rows of its segment relative to the block start) for the non-empty experts of a block."""
+    start = 0
+    for e in range(first, end):
+        if counts[e]:
+            yield e, slice(start, start + counts[e])
+        start += counts[e]
+
+
 class ExpertSegments(torch.autograd.Function):
     """``y [T, c] = sum_s gate_s * expert_{e_s}(x[token_s])`` over slots sorted by expert, in one autograd node.
 
@@ -145,9 +173,10 @@ class ExpertSegments(torch.autograd.Function):
     Expert e's slots are ``counts[e]`` consecutive entries of ``token``/``gate``. The gate multiplies the
     activations, so it reaches the output bias too: ``gate * (act(x w_in + b_in) w_out + b_out)``.
 
-    Saved for the backward: x, the parameters and the pre-activations [S, b]; every per-expert temporary is at most
-    the largest segment and is reused from expert to expert. SwiGLU with silu has a hand-written activation
-    gradient; other activations differentiate through autograd, one expert at a time.
+    Work goes block by block (`expert_blocks`): one gather of the block's tokens, one matmul per expert and
+    projection into block buffers, one activation, one ``index_add_`` back. Saved for the backward: x, the
+    parameters and the pre-activations [S, b]; every other buffer is one block and is reused from block to block.
+    SwiGLU with silu has a hand-written activation gradient; other activations differentiate through autograd.
     """
 
     @staticmethod
@@ -160,7 +189,7 @@ class ExpertSegments(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, token, gate, w_in, b_in, w_out, b_out, pre = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        counts, need = ctx.counts, ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         grad_x = torch.zeros_like(x) if need[0] else None
         grad_gate = torch.empty_like(gate) if need[2] else None
@@ -168,46 +197,51 @@ class ExpertSegments(torch.autograd.Function):
         grad_b_in = torch.empty_like(b_in) if need[5] else None
         grad_w_out = torch.empty_like(w_out) if need[6] else None
         grad_b_out = torch.empty_like(b_out) if need[7] else None
-        largest = max(ctx.counts, default=0)
+        for e in (e for e, n in enumerate(counts) if not n):  # experts without tokens get zero gradients
+            for g in (grad_w_in, grad_w_out, grad_b_in, grad_b_out):
+                if g is not None:
+                    g[e].zero_()
+        blocks = expert_blocks(counts, max(x.shape[1], pre.shape[1], w_out.shape[2]))
+        largest = max((r1 - r0 for _, _, r0, r1 in blocks), default=0)
         rows_in, rows_out = x.new_empty(largest, x.shape[1]), x.new_empty(largest, w_out.shape[2])
-        grad_pre = pre.new_empty(largest, pre.shape[1])
+        grad_pre, grad_act = pre.new_empty(largest, pre.shape[1]), x.new_empty(largest, w_out.shape[1])
         hand_swiglu = is_silu_swiglu(ctx.form, ctx.activation)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if not n:
-                for g in (grad_w_in, grad_w_out, grad_b_in, grad_b_out):
-                    if g is not None:
-                        g[e].zero_()
-                continue
-            seg, tok = slice(start, start + n), token[start:start + n]
-            g_e, h = gate[seg].unsqueeze(1), pre[seg]
-            dy = torch.index_select(grad_y, 0, tok, out=rows_out[:n])
+        for first, end, r0, r1 in blocks:
+            m, tok, g_b, h = r1 - r0, token[r0:r1], gate[r0:r1].unsqueeze(1), pre[r0:r1]
+            segments = list(_segments(counts, first, end))
+            dy = torch.index_select(grad_y, 0, tok, out=rows_out[:m])
             if hand_swiglu:
                 sig, silu_gate, act = swiglu_parts(h)
             else:
                 act = activate(h, ctx.form, ctx.act_fn)
-            if grad_w_out is not None:
-                torch.mm((act * g_e).t(), dy, out=grad_w_out[e])
-            if grad_b_out is not None:
-                torch.mv(dy.t(), gate[seg], out=grad_b_out[e])
-            grad_act = dy @ w_out[e].t()  # wrt the gated activations
+            gated = act * g_b if grad_w_out is not None else None
+            da = grad_act[:m]  # wrt the gated activations
+            for e, seg in segments:
+                if gated is not None:
+                    torch.mm(gated[seg].t(), dy[seg], out=grad_w_out[e])
+                if grad_b_out is not None:
+                    torch.mv(dy[seg].t(), gate[r0:r1][seg], out=grad_b_out[e])
+                torch.mm(dy[seg], w_out[e].t(), out=da[seg])
             if grad_gate is not None:
-                torch.linalg.vecdot(grad_act, act, out=grad_gate[seg])
+                torch.linalg.vecdot(da, act, out=grad_gate[r0:r1])
                 if b_out is not None:
-                    grad_gate[seg] += dy @ b_out[e]
-            grad_act.mul_(g_e)
+                    for e, seg in segments:
+                        grad_gate[r0:r1][seg] += dy[seg] @ b_out[e]
+            da.mul_(g_b)
             if hand_swiglu:
-                grad_h = swiglu_backward(h, sig, silu_gate, grad_act, grad_pre[:n])
+                grad_h = swiglu_backward(h, sig, silu_gate, da, grad_pre[:m])
             else:
-                grad_h = _activation_backward(h, grad_act, ctx.form, ctx.act_fn)
-            if grad_b_in is not None:
-                torch.sum(grad_h, 0, out=grad_b_in[e])
-            if grad_w_in is not None:
-                xe = torch.index_select(x, 0, tok, out=rows_in[:n])
-                torch.mm(xe.t(), grad_h, out=grad_w_in[e])
+                grad_h = _activation_backward(h, da, ctx.form, ctx.act_fn)
+            xb = torch.index_select(x, 0, tok, out=rows_in[:m]) if grad_w_in is not None else None
+            for e, seg in segments:
+                if grad_b_in is not None:
+                    torch.sum(grad_h[seg], 0, out=grad_b_in[e])
+                if xb is not None:
+                    torch.mm(xb[seg].t(), grad_h[seg], out=grad_w_in[e])
+                if grad_x is not None:  # overwrites the rows of xb this expert has used
+                    torch.mm(grad_h[seg], w_in[e].t(), out=rows_in[:m][seg])
             if grad_x is not None:
-                grad_x.index_add_(0, tok, torch.mm(grad_h, w_in[e].t(), out=rows_in[:n]))
-            start += n
+                grad_x.index_add_(0, tok, rows_in[:m])
         return (grad_x, None, grad_gate, None, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None)
 
 
@@ -222,25 +256,28 @@ def expert_segments(x, token, gate, counts, w_in, b_in, w_out, b_out, form, acti
 
 def _segments_forward(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn, keep: bool):
     """The forward of `ExpertSegments` -> (y, pre-activations [S, b] if ``keep`` else None)."""
-    largest = max(counts, default=0)
+    blocks = expert_blocks(counts, max(x.shape[1], w_in.shape[2], w_out.shape[2]))
+    largest = max((r1 - r0 for _, _, r0, r1 in blocks), default=0)
     y = x.new_zeros(x.shape[0], w_out.shape[2])
     pre = x.new_empty(token.shape[0] if keep else largest, w_in.shape[2])
     rows_in, rows_out = x.new_empty(largest, x.shape[1]), x.new_empty(largest, w_out.shape[2])
     hand_swiglu = is_silu_swiglu(form, activation)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            seg, tok, g_e = slice(start, start + n), token[start:start + n], gate[start:start + n].unsqueeze(1)
-            xe = torch.index_select(x, 0, tok, out=rows_in[:n])
-            h = pre[seg] if keep else pre[:n]
+    for first, end, r0, r1 in blocks:
+        m, tok, g_b = r1 - r0, token[r0:r1], gate[r0:r1].unsqueeze(1)
+        segments = list(_segments(counts, first, end))
+        xb = torch.index_select(x, 0, tok, out=rows_in[:m])
+        h = pre[r0:r1] if keep else pre[:m]
+        for e, seg in segments:
             if b_in is None:
-                torch.mm(xe, w_in[e], out=h)
+                torch.mm(xb[seg], w_in[e], out=h[seg])
             else:
-                torch.addmm(b_in[e], xe, w_in[e], out=h)
-            act = swiglu(h) if hand_swiglu else activate(h, form, act_fn)
-            out = torch.mm(act.mul_(g_e), w_out[e], out=rows_out[:n])
+                torch.addmm(b_in[e], xb[seg], w_in[e], out=h[seg])
+        act = swiglu(h) if hand_swiglu else activate(h, form, act_fn)
+        act.mul_(g_b)
+        out = rows_out[:m]
+        for e, seg in segments:
+            torch.mm(act[seg], w_out[e], out=out[seg])
             if b_out is not None:
-                out.addcmul_(g_e, b_out[e])
-            y.index_add_(0, tok, out)
-        start += n
+                out[seg].addcmul_(g_b[seg], b_out[e])
+        y.index_add_(0, tok, out)
     return y, pre if keep else None
