@@ -76,6 +76,11 @@ class Benchmark:
     metrics: tuple[str, ...] = ("accuracy",)
     default_split = "test"
 
+    @property
+    def folder(self) -> str:
+        """The folder of ``--data DIR`` holding this benchmark's release (its name unless variants share one)."""
+        return self.name
+
     def __init__(self, root: str | Path | None = None, split: str | None = None):
         self.root = Path(root) if root is not None else None
         self.split = split if split is not None else self.default_split

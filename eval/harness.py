@@ -248,12 +248,13 @@ def evaluate_benchmark(model, benchmark: Benchmark, out_dir: str | Path | None =
 
 
 def get_benchmark(name: str, data: str | Path | None = None) -> Benchmark:
-    """A registered benchmark reading from ``data/<name>`` if that folder exists, else from ``data`` itself."""
-    factory = BENCHMARKS.get(name, field="--benchmark")
-    root = None
+    """A registered benchmark reading from the first folder that exists of ``data/<name>``, ``data/<its data
+    folder>`` (``textvqa-ocr`` reads ``textvqa``'s files) and ``data`` itself."""
+    benchmark = BENCHMARKS.get(name, field="--benchmark")()
     if data is not None:
-        root = Path(data) / name if (Path(data) / name).is_dir() else Path(data)
-    return factory(root)
+        candidates = [Path(data) / name, Path(data) / benchmark.folder]
+        benchmark.root = next((c for c in candidates if c.is_dir()), Path(data))
+    return benchmark
 
 
 def evaluate(model, benchmarks: str | Sequence[str | Benchmark], data: str | Path | None = None,

@@ -136,6 +136,8 @@ class TextVQA(_VQAAccuracyBenchmark):
         if ocr:
             self.name = "textvqa-ocr"
 
+    folder = "textvqa"  # both protocols read the same release
+
     def options(self) -> dict:
         return {"ocr": self.ocr}
 

@@ -350,3 +350,10 @@ def test_mme_needs_one_yes_and_one_no_question_per_image(tmp_path):
 def test_unknown_benchmark_lists_the_registered_ones():
     with pytest.raises(KeyError, match=r"--benchmark: unknown benchmark 'popee'; did you mean 'pope'\?"):
         get_benchmark("popee")
+
+
+def test_textvqa_protocols_share_one_release_folder(tmp_path):
+    write_fixture("textvqa", tmp_path)
+    bench = get_benchmark("textvqa-ocr", tmp_path)
+    assert bench.root == tmp_path / "textvqa" and bench.folder == "textvqa"
+    assert "Reference OCR token: nikon, d90" in bench.prompt(bench.load()[0])
