@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_config
+from test_lora_experts import _randomize_b
 
 import zoo
 from zoo.config import ConfigError, LoRAExpertConfig, from_dict
@@ -44,14 +45,6 @@ def _batch(model, split, n=6):
 
     data = VQATrainingSet(model, split)
     return data.collate([data[i] for i in range(n)])
-
-
-@torch.no_grad()
-def _randomize_b(model, std=0.1, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _dense_twin(model):

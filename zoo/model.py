@@ -346,24 +346,22 @@ class ZooModel(nn.Module):
     def sparsify(self, policy: SparsityConfig | dict) -> list[int]:
         """Make the LM sparse by ``policy`` in place (e.g. upcycle after a dense stage); the config records it so
         checkpoints rebuild the sparse architecture. Returns the sparse layer indices."""
-        if isinstance(policy, dict):
-            policy = from_dict(SparsityConfig, policy, path="lm.sparsity")
-        if self.config.lm.sparsity is not None:
-            raise ValueError("lm.sparsity: the model is already sparse")
-        layers = sparsify(self.lm, policy)
-        self.config.lm.sparsity = policy
-        return sorted(layers)
+        return self._adapt_lm("sparsity", SparsityConfig, policy, sparsify, "the model is already sparse")
 
     def add_lora(self, config: LoRAExpertConfig | dict) -> list[str]:
         """Put LoRA (or LoRA experts) on the LM's linear layers in place, freezing the rest of the LM (e.g. at a
         stage boundary); the config records it so checkpoints rebuild it. Returns the wrapped module names."""
-        if isinstance(config, dict):
-            config = from_dict(LoRAExpertConfig, config, path="lm.lora")
-        if self.config.lm.lora is not None:
-            raise ValueError("lm.lora: the model already has LoRA layers")
-        layers = apply_lora(self.lm, config)
-        self.config.lm.lora = config
-        return sorted(layers)
+        return self._adapt_lm("lora", LoRAExpertConfig, config, apply_lora, "the model already has LoRA layers")
+
+    def _adapt_lm(self, field: str, cls: type, value, apply, already: str) -> list:
+        """Apply ``lm.<field>`` (a ``cls`` or its mapping) to the LM with ``apply`` and record it in the config."""
+        if isinstance(value, dict):
+            value = from_dict(cls, value, path=f"lm.{field}")
+        if getattr(self.config.lm, field) is not None:
+            raise ValueError(f"lm.{field}: {already}")
+        changed = apply(self.lm, value)
+        setattr(self.config.lm, field, value)
+        return sorted(changed)
 
     def merge_lora(self) -> int:
         """Fold zoo LoRA layers (modes single and task's active adapter) into the base weights for deployment;
