@@ -5,8 +5,9 @@ with weights ``p_top / sum p_top``, and ``y = sum_k w_k MLP_k(x)``, each ``MLP_k
 (``Linear(C, d) -> GELU -> Linear(d, d)``, with bias). Aux losses, unscaled:
 
 * ``balance``: ``E^2 * mean_{b,e}(P_be * f_be)`` with ``P_be`` the mean router probability of expert e over image b's
-  tokens and ``f_be`` the fraction of them whose first choice is e (`cumo_balance`; per image, then averaged -- the
-  released code's ``density_1_proxy * density_1``). For one image it is `zoo.moe.losses.switch_balance`.
+  tokens and ``f_be`` the fraction of them whose first choice is e (`zoo.moe.losses.sequence_switch_balance`; per
+  image, then averaged -- the released code's ``density_1_proxy * density_1``; ``balance_loss:
+  switch_per_sequence``, the default). ``balance_loss: switch`` computes it over all tokens of the batch at once.
 * ``z_loss``: ``mean_tokens logsumexp(h)^2`` (`zoo.moe.losses.z_loss`).
 
 CuMo's coefficients are ``default_coefficients`` (balance 0.1, z-loss 0.01). Co-upcycling (`upcycle_connector`)
@@ -25,7 +26,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zoo.config import ConfigError, ConnectorConfig, from_dict
@@ -33,7 +33,7 @@ from zoo.moe import ROUTERS, ExpertMLP, MoEConfig, StackedExperts
 from zoo.moe import losses as L
 from zoo.moe.dispatch import get_dispatch
 from zoo.moe.experts import DenseFFN
-from zoo.moe.layer import combine_weights
+from zoo.moe.layer import combine_weights, routing_losses
 from zoo.moe.routing import Routing
 
 from .base import CONNECTORS, ConnectorOutput
@@ -44,17 +44,9 @@ from .mlp import MLPProjector
 # MoEConfig's defaults. Widths come from the vision tower and the LM; the expert form is fixed (mlp2x_gelu).
 MOE_DEFAULTS: dict[str, Any] = {
     "num_experts": 4, "top_k": 2, "router": "softmax_topk", "renormalize": True, "router_init_std": 0.02,
-    "backend": "grouped", "balance_loss": "switch", "z_loss": True,
+    "backend": "grouped", "balance_loss": "switch_per_sequence", "z_loss": True,
 }
 TOPK_ROUTERS = ("softmax_topk", "noisy_topk", "sigmoid_bias")  # one first choice per token (the balance loss's f)
-
-
-def cumo_balance(probs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """CuMo / MoCHA balance loss ``E^2 * mean_{b,e}(P_be * f_be)``; ``probs`` ``[B, L, E]``, ``first`` ``[B, L]``
-    the first-choice experts. Equals the mean over images of `zoo.moe.losses.switch_balance`; 1 at uniform routing."""
-    e = probs.shape[-1]
-    fraction = F.one_hot(first, e).float().mean(1)
-    return e * e * (probs.float().mean(1) * fraction).mean()
 
 
 class ProjectorExperts(StackedExperts):
@@ -134,9 +126,10 @@ def moe_config(config: ConnectorConfig, in_dim: int, out_dim: int) -> MoEConfig:
     if moe.router not in TOPK_ROUTERS:
         raise ConfigError(f"connector.moe.router: expected a top-k router ({', '.join(TOPK_ROUTERS)}), "
                           f"got {moe.router!r}")
-    if moe.balance_loss not in ("switch", None):
+    if moe.balance_loss not in ("switch_per_sequence", "switch", None):
         raise ConfigError(f"connector.moe.balance_loss: the {config.kind} connector computes CuMo's per-image "
-                          f"Switch loss ('switch') or none (null), got {moe.balance_loss!r}")
+                          f"Switch loss ('switch_per_sequence'), the batch-wide one ('switch') or none (null), got "
+                          f"{moe.balance_loss!r}")
     return moe
 
 
@@ -145,7 +138,7 @@ class MoEMLPConnector(nn.Module):
     """CuMo's MLP-MoE connector ``[B, L, in_dim] -> [B, L, out_dim]`` (see the module docstring).
 
     ``connector.moe``: the `MOE_DEFAULTS` keys (``num_experts`` 4, ``top_k`` 2, ``router``, ``renormalize``,
-    ``router_init_std``, ``backend``, ``balance_loss`` ``switch`` | null, ``z_loss``). ``connector.projector`` must
+    ``router_init_std``, ``backend``, ``balance_loss`` ``switch_per_sequence`` | ``switch`` | null, ``z_loss``). ``connector.projector`` must
     be ``mlp2x_gelu``; ``connector.bias`` applies to the experts. No ``options``.
     Output: tokens, aux losses ``balance`` and ``z_loss`` (as configured) and routing statistics
     ``expert_load`` ``[E]`` (slots per expert in this call) and ``router_entropy`` (mean, nats).
@@ -183,14 +176,9 @@ class MoEMLPConnector(nn.Module):
         return self
 
     def aux_losses(self, routing: Routing, batch: int) -> dict[str, torch.Tensor]:
-        """Unscaled ``balance`` (`cumo_balance` over each of the ``batch`` images) and ``z_loss``, as configured."""
-        out = {}
-        if self.moe.balance_loss == "switch":
-            first = routing.expert[routing.rank == 0].view(batch, -1)
-            out["balance"] = cumo_balance(routing.probs.view(batch, -1, routing.probs.shape[-1]), first)
-        if self.moe.z_loss:
-            out["z_loss"] = L.z_loss(routing.logits)
-        return out
+        """Unscaled ``balance`` (per image of the ``batch``, module docstring) and ``z_loss``, as configured."""
+        image = torch.arange(routing.num_tokens, device=routing.probs.device) // (routing.num_tokens // max(batch, 1))
+        return routing_losses(self.moe, routing, sequence=image)
 
     def forward(self, tokens: torch.Tensor) -> ConnectorOutput:
         """``[B, L, in_dim]`` -> `ConnectorOutput` with tokens ``[B, L, out_dim]``, aux losses and routing stats."""

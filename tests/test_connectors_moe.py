@@ -17,7 +17,7 @@ import zoo
 from zoo.config import ConfigError, ConnectorConfig, FusionConfig, from_dict
 from zoo.connectors import CONNECTORS, MLPProjector, PerExpertConnector, build_connector
 from zoo.connectors.mocha import GroupAttention, MoCHAConnector, graph_hga, select_neighbours, upcycle_mocha
-from zoo.connectors.moe_mlp import MoEMLPConnector, cumo_balance, upcycle_connector
+from zoo.connectors.moe_mlp import MoEMLPConnector, upcycle_connector
 from zoo.moe import losses as L
 
 COEFFICIENTS = {"balance": 0.1, "z_loss": 0.01}
@@ -124,9 +124,17 @@ def test_aux_losses_at_a_zero_router_and_the_balance_formula():
     probs = torch.randn(3, 11, 4, generator=g).softmax(-1)
     first = probs.argmax(-1)
     expected = torch.stack([L.switch_balance(p, f) for p, f in zip(probs, first)]).mean()
-    torch.testing.assert_close(cumo_balance(probs, first), expected)
-    collapsed = F.one_hot(torch.zeros(2, 5, dtype=torch.long), 4).float()
-    assert cumo_balance(collapsed, collapsed.argmax(-1)).item() == 4.0  # all tokens on one expert: E
+    image = torch.arange(3).repeat_interleave(11)
+    torch.testing.assert_close(L.sequence_switch_balance(probs.flatten(0, 1), first.flatten(), image), expected)
+    cumo = 16 * (probs.mean(1) * F.one_hot(first, 4).float().mean(1)).mean()  # CuMo's density_1_proxy * density_1
+    torch.testing.assert_close(L.sequence_switch_balance(probs.flatten(0, 1), first.flatten(), image), cumo)
+    collapsed = F.one_hot(torch.zeros(10, dtype=torch.long), 4).float()
+    assert L.sequence_switch_balance(collapsed, collapsed.argmax(-1), torch.arange(10) // 5).item() == 4.0  # E
+    batch_wide = build_connector(_config("moe_mlp", moe={"balance_loss": "switch"}), 24, 16)
+    x = torch.randn(2, 9, 24)
+    out = batch_wide(x)
+    routing = batch_wide.router(x.reshape(18, 24))
+    torch.testing.assert_close(out.aux_losses["balance"], L.switch_balance(routing.probs, routing.top1()))
     assert MoEMLPConnector.default_coefficients == MoCHAConnector.default_coefficients == COEFFICIENTS
 
 

@@ -74,6 +74,23 @@ def test_switch_loss_hand_case():
     assert L.switch_balance(probs, top1).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_per_sequence_switch_loss_averages_each_sequences_switch_loss():
+    """CuMo / MoCHA: balance per image, averaged; padding tokens neither route nor count."""
+    layer = layer_for(balance_loss="switch_per_sequence")
+    x = torch.randn(3, 7, 12)
+    pad = torch.ones(3, 7, dtype=torch.bool)
+    pad[1, 4:] = False
+    out = layer(x, padding_mask=pad)
+    per_sequence = []
+    for b in range(3):
+        routing = layer.router(x[b][pad[b]])
+        per_sequence.append(L.switch_balance(routing.probs, routing.top1()))
+    torch.testing.assert_close(out.aux_losses["balance"], torch.stack(per_sequence).mean())
+    flat = layer_for(balance_loss="switch")(x, padding_mask=pad).aux_losses["balance"]
+    assert not torch.allclose(out.aux_losses["balance"], flat)  # not the batch-wide loss
+    assert layer(x[0]).aux_losses["balance"].item() == pytest.approx(per_sequence[0].item(), rel=1e-6)  # one sequence
+
+
 def test_mixtral_variant_is_k_at_uniform_and_matches_transformers():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 

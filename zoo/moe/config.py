@@ -54,7 +54,7 @@ class MoEConfig:
     bigmac_rank: int | None = None
     # execution and losses
     backend: str = "grouped"  # a name in zoo.moe.DISPATCHERS: loop | grouped | padded
-    balance_loss: Literal["switch", "mixtral", "deepseek"] | None = "switch"
+    balance_loss: Literal["switch", "switch_per_sequence", "mixtral", "deepseek"] | None = "switch"
     device_groups: int = 1  # > 1 adds DeepSeekMoE's device-level balance loss over this many expert groups
     z_loss: bool = True
 

@@ -97,12 +97,16 @@ def combine_weights(routing: Routing, keep: torch.Tensor) -> torch.Tensor:
     return w * routing.scale if routing.scale != 1.0 else w
 
 
-def routing_losses(cfg: MoEConfig, routing: Routing, suffix: str = "") -> dict[str, torch.Tensor]:
-    """The balance / device-balance / z losses ``cfg`` asks for, unscaled, named ``balance{suffix}`` etc."""
+def routing_losses(cfg: MoEConfig, routing: Routing, suffix: str = "", sequence: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The balance / device-balance / z losses ``cfg`` asks for, unscaled, named ``balance{suffix}`` etc.
+    ``sequence`` [T]: the sequence (image) of each routed token, for ``switch_per_sequence`` (None: one sequence)."""
     out = {}
     slots_per_token = routing.expert.numel() / max(routing.num_tokens, 1)
-    if cfg.balance_loss == "switch":
+    if cfg.balance_loss == "switch" or (cfg.balance_loss == "switch_per_sequence" and sequence is None):
         out["balance"] = L.switch_balance(routing.probs, routing.top1())
+    elif cfg.balance_loss == "switch_per_sequence":
+        out["balance"] = L.sequence_switch_balance(routing.probs, routing.top1(), sequence)
     elif cfg.balance_loss == "mixtral":
         out["balance"] = L.mixtral_balance(routing.probs, routing.expert)
     elif cfg.balance_loss == "deepseek":
@@ -159,9 +163,9 @@ class MoELayer(nn.Module):
         """Gates of the slots (see `combine_weights`)."""
         return combine_weights(routing, keep)
 
-    def aux_losses(self, routing: Routing) -> dict[str, torch.Tensor]:
-        """The configured balance / z losses of one routing, unscaled."""
-        return routing_losses(self.config, routing)
+    def aux_losses(self, routing: Routing, sequence: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The configured balance / z losses of one routing, unscaled (``sequence``: see `routing_losses`)."""
+        return routing_losses(self.config, routing, sequence=sequence)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None) -> MoEOutput:
@@ -201,7 +205,11 @@ class MoELayer(nn.Module):
                 mod = mod[rows]
             stats.by_modality = {"image": _stats(routing, keep, cfg.num_experts, mod),
                                  "text": _stats(routing, keep, cfg.num_experts, ~mod)}
-        return MoEOutput(routed.reshape(x.shape), self.aux_losses(routing), stats, routing)
+        sequence = None
+        if cfg.balance_loss == "switch_per_sequence" and x.dim() >= 3:  # each leading row is one sequence (image)
+            sequence = torch.arange(flat.shape[0], device=x.device) // x.shape[-2]
+            sequence = sequence if rows is None else sequence[rows]
+        return MoEOutput(routed.reshape(x.shape), self.aux_losses(routing, sequence), stats, routing)
 
 
 def update_router_biases(model: nn.Module, rate: float | None = None) -> int:

@@ -6,6 +6,7 @@ probability (differentiable), counts_e the number of slots routed to e (no gradi
 | function | value | at uniform routing |
 |---|---|---|
 | `switch_balance` | E * sum_e F_e P_e, F_e = fraction of tokens whose first choice is e | 1 |
+| `sequence_switch_balance` | the Switch loss of each sequence (image), averaged (CuMo, MoCHA) | 1 |
 | `mixtral_balance` | E * sum_e (counts_e / T) P_e (transformers' `load_balancing_loss_func`) | k |
 | `expert_balance` | sum_e (E / (k T)) counts_e P_e (DeepSeekMoE expert-level) | 1 |
 | `device_balance` | sum_g mean_{e in g} f_e * sum_{e in g} P_e (DeepSeekMoE device-level) | 1 |
@@ -26,6 +27,21 @@ def switch_balance(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
     t, e = probs.shape
     fraction = torch.bincount(top1, minlength=e).float() / max(t, 1)
     return e * torch.sum(fraction * _mean_probs(probs))
+
+
+def sequence_switch_balance(probs: torch.Tensor, top1: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """CuMo / MoCHA's balance loss E^2 * mean_{b,e} P_be F_be: the Switch loss of each sequence ``b`` (``sequence``
+    [T], the sequence of each token), averaged over the sequences that have tokens. One sequence: `switch_balance`."""
+    t, e = probs.shape
+    if t == 0:
+        return probs.sum() * 0.0
+    ids, sequence = torch.unique(sequence, return_inverse=True)
+    n = ids.numel()
+    tokens = torch.bincount(sequence, minlength=n).float().unsqueeze(1)
+    mean_probs = probs.float().new_zeros(n, e).index_add_(0, sequence, probs.float()) / tokens
+    first = torch.zeros(n, e, device=probs.device).index_put_((sequence, top1), torch.ones_like(top1, dtype=torch.float),
+                                                               accumulate=True) / tokens
+    return e * (mean_probs * first).sum(1).mean()
 
 
 def _slot_fraction(expert: torch.Tensor, num_experts: int, num_tokens: int) -> torch.Tensor:
