@@ -1,4 +1,5 @@
-"""The ``zoo`` command: ``list``, ``card``, ``build``, ``params``, ``train``, ``convert``, ``demo``, ``eval``."""
+"""The ``zoo`` command: ``list``, ``card``, ``build``, ``params``, ``train``, ``convert``, ``chat``, ``analyze``,
+``demo``, ``eval``."""
 
 from __future__ import annotations
 
@@ -85,6 +86,34 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import zoo
+    from zoo.chat import ChatSession, interactive, open_image
+
+    session = ChatSession(zoo.load(args.model, device=args.device), open_image(args.image), args.max_new_tokens)
+    if args.question:  # one-shot (several: one conversation), one answer per line
+        for question in args.question:
+            print(session.ask(question))
+        return 0
+    interactive(session)
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import zoo
+    from zoo.analysis import format_routing_table
+    from zoo.analyze import analyze_routing
+
+    model = zoo.load(args.model, device=args.device)
+    out = args.out or f"runs/analysis/{model.config.name}"
+    results = analyze_routing(model, args.benchmark.split(","), data=args.data, limit=args.limit or None,
+                              batch_size=args.batch_size, out_dir=out, progress=not args.no_progress)
+    for name, rows in results.items():
+        print(f"{name}:\n{format_routing_table(rows)}\n")
+    print(f"wrote {out}/routing.md, routing.json, routing-by-benchmark.png and routing-<benchmark>.png")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from zoo.train.demo import DEMO_MOE_POLICY, DEMO_MOE_TRAINING, DEMO_TRAINING, run_demo
 
@@ -147,6 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="llava-to-wds: shard pattern, e.g. shards/train-%%05d.tar")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     p.set_defaults(func=_cmd_convert)
+    p = sub.add_parser("chat", help="ask a model about an image: interactive, or one-shot with --question")
+    p.add_argument("model", help="checkpoint directory, hub id or catalogue name with released weights")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--question", action="append", default=[], help="answer this and exit (repeat: one conversation)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
+    p.set_defaults(func=_cmd_chat)
+    p = sub.add_parser("analyze", help="analyses of a trained model: routing (per-layer expert load by modality "
+                       "and benchmark, tables and PNG heatmaps)")
+    p.add_argument("what", choices=["routing"])
+    p.add_argument("model", help="checkpoint directory, hub id or catalogue name with released weights")
+    p.add_argument("--benchmark", default="easy-vqa", help="NAME[,NAME...] of zoo.eval benchmarks (default easy-vqa)")
+    p.add_argument("--data", default=None, help="folder with the benchmarks' released files (DIR/<benchmark>/)")
+    p.add_argument("--limit", type=int, default=256, help="questions per benchmark (0: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="default: runs/analysis/<model name>")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser("demo", help="train and evaluate the demo model on easy-vqa")
     p.add_argument("--model", default="tiny-llava")
     p.add_argument("--out", default="runs/demo")
