@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from zoo.config import VisionConfig
+from zoo.config import ConfigError, VisionConfig
 from zoo.registry import Registry
 
 ENCODERS: Registry[type[VisionExpert]] = Registry("encoder")
@@ -126,9 +126,30 @@ class VisionExpert(nn.Module):
         return super().train(mode and not self.config.frozen)
 
 
-def build_encoder(config: VisionConfig) -> VisionExpert:
-    """Build the vision expert named by ``config.kind`` (wrapped for S2 multi-scale features if ``scales``)."""
-    expert = ENCODERS.get(config.kind, field="vision.kind")(config)
+def sparsify_expert(expert: VisionExpert, policy, path: str = "vision.sparsity", name: str = "vision") -> list[int]:
+    """Make the FFNs of a vision expert's transformer blocks sparse by ``policy`` (a `SparsityConfig`; CuMo's
+    CLIP-MoE: preset ``cumo``), in place; blocks the expert never runs stay frozen. Returns the sparse block indices."""
+    from zoo.lm.sparse import sparsify
+
+    inner = getattr(expert, "expert", expert)  # a multi-scale wrapper holds the expert
+    try:
+        layers = sparsify(inner.model, policy, path=path, name=name, reachable=getattr(inner, "reachable_blocks", None))
+    except ConfigError:
+        raise
+    except ValueError as e:  # no transformer blocks, or blocks whose MLP is not made of linear layers
+        raise ConfigError(f"{path}: the {inner.config.kind} expert {inner.config.name or ''} cannot be made sparse "
+                          f"({e})") from e
+    if hasattr(inner, "freeze_unreachable"):
+        inner.freeze_unreachable()
+    return sorted(layers)
+
+
+def build_encoder(config: VisionConfig, name: str = "vision", path: str = "vision") -> VisionExpert:
+    """Build the vision expert named by ``config.kind`` (wrapped for S2 multi-scale features if ``scales``; blocks
+    made sparse if ``sparsity``, named ``<name>.layers.<i>`` in routing statistics; errors name ``<path>.<field>``)."""
+    expert = ENCODERS.get(config.kind, field=f"{path}.kind")(config)
+    if config.sparsity is not None:
+        sparsify_expert(expert, config.sparsity, path=f"{path}.sparsity", name=name)
     if config.scales and config.scales != [1]:
         from .multiscale import MultiScaleExpert
 

@@ -79,7 +79,8 @@ class FusedVision(nn.Module):
         if not configs:
             raise ConfigError("vision: an empty list of experts")
         self.fusion = fusion
-        self.experts = nn.ModuleList(build_encoder(c) for c in configs)
+        self.experts = nn.ModuleList(build_encoder(c, name=f"vision.{i}", path=f"vision[{i}]")
+                                     for i, c in enumerate(configs))
         grids = [tuple(e.grid) for e in self.experts]
         self.target = (fusion.grid, fusion.grid) if fusion.grid else None
         if fusion.mode == "channel":

@@ -84,10 +84,21 @@ class HFVisionTower(VisionExpert):
         mean, std = _FAMILY_NORM.get(vcfg.model_type, _FAMILY_NORM["clip_vision_model"])
         self.mean = tuple(config.mean or mean)
         self.std = tuple(config.std or std)
+        self.freeze_unreachable()
+
+    @property
+    def reachable_blocks(self) -> int:
+        """How many encoder layers feed ``hidden_states[feature_layer]`` (the rest run but are never read)."""
+        return self.block_index + 1
+
+    def freeze_unreachable(self) -> set[str]:
+        """Freeze (again, e.g. after the blocks were sparsified) what ``hidden_states[feature_layer]`` cannot reach;
+        returns those parameter names (``unused_parameters``)."""
         self.unused_parameters = self._unused_parameter_names()
         for name, param in self.model.named_parameters():
             if name in self.unused_parameters:
                 param.requires_grad_(False)
+        return self.unused_parameters
 
     def _unused_parameter_names(self) -> set[str]:
         """Parameter names (in ``self.model``) that cannot affect ``hidden_states[feature_layer]``."""

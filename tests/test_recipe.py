@@ -79,9 +79,12 @@ def test_other_tiny_recipes_run_every_stage_and_the_loss_falls(name, tmp_path):
     assert (last / "routing.png").stat().st_size > 0
     exported = zoo.load(str(last / "model"))
     assert exported.config.connector.kind == {"cumo-tiny": "moe_mlp", "mocha-tiny": "mocha"}.get(name, "mlp")
-    if name == "cumo-tiny":  # co-upcycled at the SFT boundary, trained with its aux losses afterwards
+    if name == "cumo-tiny":  # connector and CLIP co-upcycled at the SFT boundary, trained with their aux losses
         assert model.config.connector.coefficients == {"balance": 0.1, "z_loss": 0.01}
-        assert zoo.load(str(tmp_path / "run" / "01-pft" / "model")).config.connector.kind == "mlp"
+        dense = zoo.load(str(tmp_path / "run" / "01-pft" / "model")).config
+        assert dense.connector.kind == "mlp" and dense.vision.sparsity is None
+        assert exported.config.vision.sparsity.preset == "cumo"
+        assert {"vision.layers.0 image", "vision.layers.0 all"} & set(info["stages"]["sft"]["routing"])
 
 
 def _dense(name: str, overrides: list[str]):

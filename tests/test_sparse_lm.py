@@ -153,7 +153,7 @@ def test_a_training_step_lowers_the_loss_and_reaches_every_router(dense_model):
 
 
 @pytest.mark.parametrize("policy, message", [
-    ({"preset": "moe-llava", "layers": [5]}, r"^lm\.sparsity\.layers: index 5 out of range for a 2-layer LM"),
+    ({"preset": "moe-llava", "layers": [5]}, r"^lm\.sparsity\.layers: index 5 out of range for a 2-layer model"),
     ({"preset": "moe-llava", "moe": {"top_k": 9}}, r"^lm\.sparsity\.moe\.top_k: "),
     ({"preset": "moe-lava"}, r"^lm\.sparsity\.preset: unknown sparsity preset 'moe-lava'; did you mean 'moe-llava'"),
     ({"layers": "every_other"}, r"^lm\.sparsity\.layers: "),

@@ -60,6 +60,7 @@ class SourceConfig:
 @dataclass
 class ActionConfig:
     """An action at the start of a stage: ``sparsify`` (the LM, by ``policy``: a `SparsityConfig` mapping or preset),
+    ``sparsify_vision`` (vision experts' blocks, e.g. ``policy: {preset: cumo}``; ``options.experts``: indices),
     ``co_upcycle`` (the connector into MoE experts copied from it; ``policy``: ``connector.moe`` settings,
     ``options``: MoCHA options, ``coefficients``: aux-loss weights, default the new connector's), ``load`` (weights
     of a zoo checkpoint at ``path`` into the model), or any action registered in `ACTIONS`."""
@@ -117,6 +118,17 @@ def _sparsify(model: ZooModel, action: ActionConfig) -> None:
     """Upcycle / sparsify the LM by ``policy`` (MoE-LLaVA's stage III start)."""
     layers = model.sparsify(from_dict(SparsityConfig, dict(action.policy), path="before.policy"))
     log.info("sparsified LM layers %s", layers)
+
+
+@ACTIONS.register("sparsify_vision")
+def _sparsify_vision(model: ZooModel, action: ActionConfig) -> None:
+    """Upcycle the MLPs of vision experts' transformer blocks by ``policy`` (CuMo's CLIP-MoE at SFT: preset
+    ``cumo``); ``options.experts``: indices into ``vision`` (default: every expert)."""
+    unknown = sorted(set(action.options) - {"experts"})
+    if unknown:
+        raise ConfigError(f"before.options.{unknown[0]}: sparsify_vision takes only 'experts'")
+    policy = from_dict(SparsityConfig, dict(action.policy), path="before.policy")
+    log.info("sparsified vision blocks %s", model.sparsify_vision(policy, action.options.get("experts")))
 
 
 @ACTIONS.register("load")

@@ -175,6 +175,7 @@ class VisionConfig:
     scales: list[int] | None = None  # S2 multi-scale, e.g. [1, 3] (CuMo: 336 + 1008 cut into 3x3 crops of 336)
     dtype: typing.Literal["float32", "bfloat16", "float16"] | None = None  # e.g. a frozen expert held in bf16
     expert: str | None = None  # a named expert (zoo.encoders.named): its fields are defaults under the given ones
+    sparsity: SparsityConfig | None = None  # MoE FFNs in the expert's transformer blocks (CuMo's CLIP-MoE)
 
     @staticmethod
     def expand_mapping(data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -269,6 +270,14 @@ SPARSITY_PRESETS: dict[str, dict[str, Any]] = {
                 "z_loss": False},
         "coefficients": {"balance_image": 0.001, "balance_text": 0.001},
     },
+    # CuMo (arXiv 2405.05949), for vision towers (CLIP-MoE): every block's MLP upcycled into 4 experts, top-2
+    # renormalised, the per-image Switch loss and the router z-loss, each averaged over the layers, weighted 0.1 / 0.01.
+    "cumo": {
+        "layers": "all", "init": "upcycle", "layer_losses": "mean",
+        "moe": {"num_experts": 4, "top_k": 2, "router": "softmax_topk", "renormalize": True,
+                "balance_loss": "switch_per_sequence", "z_loss": True},
+        "coefficients": {"balance": 0.1, "z_loss": 0.01},
+    },
     # BigMac (arXiv 2502.16927): fine-grained experts working at a low width r = d/4 (descend before dispatch,
     # ascend after), random init.
     "bigmac": {
@@ -290,6 +299,8 @@ class SparsityConfig:
     (copies + relative noise ``noise``), ``fine_grained_split`` (copies cut into ``granularity`` slices),
     ``random``. ``moe``: `zoo.moe.MoEConfig` fields (widths come from the LM). ``coefficients``: weight of each
     aux loss by name in the model loss. ``modality_routing``: MoIIE layers with a router per modality.
+    ``layer_losses``: each aux loss summed (``sum``) or averaged (``mean``) over the sparse layers. The same policy
+    sparsifies a vision expert's transformer blocks (``vision.sparsity``; preset ``cumo``).
     """
 
     preset: str | None = None
@@ -305,6 +316,7 @@ class SparsityConfig:
     image_only_experts: int = 1
     text_only_experts: int = 1
     last_image_token_as_text: bool = False
+    layer_losses: Literal["sum", "mean"] = "sum"  # aux losses over the sparse layers: MoE-LLaVA sums, CuMo averages
 
     @staticmethod
     def expand_mapping(data: dict[str, Any], path: str) -> dict[str, Any]:

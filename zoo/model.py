@@ -255,7 +255,8 @@ class ZooModel(nn.Module):
         if image_features is not None and pixel_values is not None:
             raise ValueError("pixel_values and image_features: give one, not both")
         features = image_features
-        if features is None and pixel_values is not None and num_images(pixel_values) > 0:
+        vision_ran = features is None and pixel_values is not None and num_images(pixel_values) > 0
+        if vision_ran:
             features = self.vision_features(pixel_values)
         if image_index is not None:
             n_images = 0 if features is None else len(features[0] if isinstance(features, list) else features)
@@ -294,22 +295,39 @@ class ZooModel(nn.Module):
                 coefficient = coefficients.get(name, coefficients.get(name.rsplit(".", 1)[0], 0.0))
                 if coefficient:
                     loss = loss + coefficient * value
-        lm_aux, coefficients = self._lm_aux_losses()
-        aux.update({f"lm.{name}": value for name, value in lm_aux.items()})
-        if loss is not None:
-            for name, coefficient in coefficients.items():
-                if coefficient and name in lm_aux:
-                    loss = loss + coefficient * lm_aux[name]
+        parts = [("lm", *self._lm_aux_losses())] + (self._vision_aux_losses() if vision_ran else [])
+        for prefix, losses, coefficients in parts:
+            aux.update({f"{prefix}.{name}": value for name, value in losses.items()})
+            if loss is not None:
+                for name, coefficient in coefficients.items():
+                    if coefficient and name in losses:
+                        loss = loss + coefficient * losses[name]
+        stats = self._lm_routing_stats()
+        if vision_ran:
+            stats.update(gather_routing_stats(self.vision))
         return ZooOutput(logits=out.logits, loss=loss, lm_loss=out.loss, aux_losses=aux, routing=routing,
-                         image_mask=sp.image_mask, attention_mask=sp.attention_mask,
-                         routing_stats=self._lm_routing_stats())
+                         image_mask=sp.image_mask, attention_mask=sp.attention_mask, routing_stats=stats)
+
+    def _vision_experts(self) -> list[tuple[str, nn.Module]]:
+        """``(name, expert)`` of each vision expert: ``vision`` alone, ``vision.<i>`` when several are fused."""
+        if isinstance(self.vision, FusedVision):
+            return [(f"vision.{i}", e) for i, e in enumerate(self.vision.experts)]
+        return [("vision", self.vision)]
+
+    def _vision_aux_losses(self) -> list[tuple[str, dict[str, torch.Tensor], dict[str, float]]]:
+        """``(prefix, unscaled losses, coefficients)`` of each sparse vision expert's last call (CuMo's CLIP-MoE)."""
+        out = []
+        for (name, expert), cfg in zip(self._vision_experts(), self.config.vision_experts):
+            if cfg.sparsity is not None:
+                out.append((name, gather_aux_losses(expert, cfg.sparsity.layer_losses), cfg.sparsity.coefficients))
+        return out
 
     def _lm_aux_losses(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The LM's unscaled aux losses of the last call (sparse FFNs, LoRA experts) and their coefficients."""
         losses: dict[str, torch.Tensor] = {}
         coefficients: dict[str, float] = {}
         if self.config.lm.sparsity is not None:
-            losses.update(gather_aux_losses(self.lm))
+            losses.update(gather_aux_losses(self.lm, self.config.lm.sparsity.layer_losses))
             coefficients.update(self.config.lm.sparsity.coefficients)
         if self.config.lm.lora is not None:
             losses.update(gather_lora_aux_losses(self.lm))
@@ -347,6 +365,29 @@ class ZooModel(nn.Module):
         """Make the LM sparse by ``policy`` in place (e.g. upcycle after a dense stage); the config records it so
         checkpoints rebuild the sparse architecture. Returns the sparse layer indices."""
         return self._adapt_lm("sparsity", SparsityConfig, policy, sparsify, "the model is already sparse")
+
+    def sparsify_vision(self, policy: SparsityConfig | dict, experts: Sequence[int] | None = None) -> dict[str, list]:
+        """Make the MLPs of vision experts' transformer blocks sparse by ``policy`` in place (CuMo's co-upcycling of
+        CLIP at its SFT stage: preset ``cumo``); ``experts``: indices into ``vision`` (default: all). The config
+        records the policy per expert. Returns the sparse block indices by expert name."""
+        from zoo.encoders.base import sparsify_expert
+
+        if isinstance(policy, dict):
+            policy = from_dict(SparsityConfig, policy, path="vision.sparsity")
+        named, configs = self._vision_experts(), self.config.vision_experts
+        chosen = range(len(named)) if experts is None else list(experts)
+        out = {}
+        for i in chosen:
+            if not 0 <= i < len(named):
+                raise ValueError(f"experts: {i} is not a vision expert index (0-{len(named) - 1})")
+            name, expert = named[i]
+            path = "vision" if name == "vision" else f"vision[{i}]"
+            if configs[i].sparsity is not None:
+                raise ValueError(f"{path}.sparsity: the expert is already sparse")
+            out[name] = sparsify_expert(expert, policy, path=f"{path}.sparsity", name=name)
+            configs[i].sparsity = copy.deepcopy(policy)
+            getattr(expert, "expert", expert).config.sparsity = configs[i].sparsity
+        return out
 
     def add_lora(self, config: LoRAExpertConfig | dict) -> list[str]:
         """Put LoRA (or LoRA experts) on the LM's linear layers in place, freezing the rest of the LM (e.g. at a

@@ -64,20 +64,21 @@ class SparseFFN(nn.Module):
         return self.last.output
 
 
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a transformers causal LM (the first ModuleList whose items have an ``.mlp``)."""
+def decoder_layers(lm: nn.Module) -> nn.ModuleList | nn.Sequential:
+    """The block list of a transformer: the first ModuleList (or Sequential, as timm's ViT ``blocks``) whose items
+    all have an ``.mlp`` -- a causal LM's decoder layers, a vision tower's encoder blocks."""
     for module in lm.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(m, "mlp") for m in module):
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) and all(hasattr(m, "mlp") for m in module):
             return module
-    raise ValueError(f"{type(lm).__name__}: no decoder layer list with .mlp modules; this LM cannot be sparsified")
+    raise ValueError(f"{type(lm).__name__}: no list of transformer blocks with .mlp modules; it cannot be sparsified")
 
 
-def select_layers(rule: str | list[int], num_layers: int) -> list[int]:
-    """Layer indices of a ``layers`` rule (see `SparsityConfig`); errors name ``lm.sparsity.layers``."""
+def select_layers(rule: str | list[int], num_layers: int, path: str = "lm.sparsity") -> list[int]:
+    """Layer indices of a ``layers`` rule (see `SparsityConfig`); errors name ``<path>.layers``."""
     if isinstance(rule, list):
         bad = [i for i in rule if not -num_layers <= i < num_layers]
         if bad:
-            raise ConfigError(f"lm.sparsity.layers: index {bad[0]} out of range for a {num_layers}-layer LM")
+            raise ConfigError(f"{path}.layers: index {bad[0]} out of range for a {num_layers}-layer model")
         return sorted({i % num_layers for i in rule})
     rules = {
         "every_other_even": range(0, num_layers, 2), "every_other_odd": range(1, num_layers, 2),
@@ -85,16 +86,17 @@ def select_layers(rule: str | list[int], num_layers: int) -> list[int]:
         "all": range(num_layers), "all_but_first": range(1, num_layers),
     }
     if rule not in rules:
-        raise ConfigError(f"lm.sparsity.layers: unknown rule {rule!r}; known: {', '.join(rules)}")
+        raise ConfigError(f"{path}.layers: unknown rule {rule!r}; known: {', '.join(rules)}")
     return list(rules[rule])
 
 
-def moe_config(policy: SparsityConfig, dense: nn.Module, hidden_size: int) -> MoEConfig:
+def moe_config(policy: SparsityConfig, dense: nn.Module, path: str = "lm.sparsity") -> MoEConfig:
     """The `MoEConfig` of one layer: the policy's ``moe`` fields plus widths, form and activation of the dense FFN."""
     ffn = read_ffn(dense)
+    hidden_size = ffn.hidden_size
     m = policy.granularity
     if ffn.intermediate_size % m:
-        raise ConfigError(f"lm.sparsity.granularity: {m} does not divide the FFN width {ffn.intermediate_size}")
+        raise ConfigError(f"{path}.granularity: {m} does not divide the FFN width {ffn.intermediate_size}")
     ratio = policy.expert_ratio if policy.expert_ratio is not None else 1.0 / m
     fields = dict(hidden_size=hidden_size, expert_size=max(1, round(ffn.intermediate_size * ratio)),
                   expert_form=ffn.form, activation=ffn.activation, bias=ffn.b_in is not None)
@@ -103,7 +105,7 @@ def moe_config(policy: SparsityConfig, dense: nn.Module, hidden_size: int) -> Mo
     fields.update(policy.moe)
     if "num_shared" in policy.moe and "shared_size" not in policy.moe:
         fields["shared_size"] = policy.moe["num_shared"] * fields["expert_size"]
-    return from_dict(MoEConfig, fields, path="lm.sparsity.moe")
+    return from_dict(MoEConfig, fields, path=f"{path}.moe")
 
 
 def _build_layer(policy: SparsityConfig, dense: nn.Module, cfg: MoEConfig) -> nn.Module:
@@ -138,26 +140,37 @@ def _build_layer(policy: SparsityConfig, dense: nn.Module, cfg: MoEConfig) -> nn
     return layer
 
 
-def sparsify(lm: nn.Module, policy: SparsityConfig, context: SparseContext | None = None) -> dict[int, SparseFFN]:
-    """Replace the FFN of the policy's layers by sparse layers, in place; returns {layer index: SparseFFN}."""
+def sparsify(lm: nn.Module, policy: SparsityConfig, context: SparseContext | None = None, path: str = "lm.sparsity",
+             name: str = "lm", reachable: int | None = None) -> dict[int, SparseFFN]:
+    """Replace the FFN of the policy's layers by sparse layers, in place; returns {layer index: SparseFFN}.
+
+    ``lm``: a causal LM, or any transformer with a block list (`decoder_layers`) such as a vision tower. Errors
+    name ``path`` (the policy's config field); the layers are named ``<name>.layers.<i>`` in routing statistics.
+    ``reachable``: only the first that many blocks affect the output (a vision tower read at an inner layer); a
+    rule such as ``all`` selects among them, and an explicit index past them is an error.
+    """
     layers = decoder_layers(lm)
-    hidden = lm.config.hidden_size
     context = context or getattr(lm, "zoo_sparse_context", None) or SparseContext()
-    chosen = select_layers(policy.layers, len(layers))
+    chosen = select_layers(policy.layers, len(layers), path)
+    if reachable is not None:
+        if isinstance(policy.layers, list) and max(chosen, default=-1) >= reachable:
+            raise ConfigError(f"{path}.layers: block {max(chosen)} never affects the output (only the first "
+                              f"{reachable} blocks feed the features)")
+        chosen = [i for i in chosen if i < reachable]
     valid_losses = _loss_names(policy)
     unknown = sorted(set(policy.coefficients) - valid_losses)
     if unknown:
-        raise ConfigError(f"lm.sparsity.coefficients.{unknown[0]}: no such aux loss; this policy gives "
+        raise ConfigError(f"{path}.coefficients.{unknown[0]}: no such aux loss; this policy gives "
                           f"{', '.join(sorted(valid_losses)) or 'none'}")
     out = {}
     for i in chosen:
         dense = layers[i].mlp
         if isinstance(dense, SparseFFN):
-            raise ValueError(f"lm.sparsity: layer {i} is already sparse")
-        cfg = moe_config(policy, dense, hidden)
+            raise ValueError(f"{path}: layer {i} is already sparse")
+        cfg = moe_config(policy, dense, path)
         param = next(dense.parameters())
         layer = _build_layer(policy, dense, cfg).to(device=param.device, dtype=param.dtype)
-        layers[i].mlp = SparseFFN(layer, context, name=f"lm.layers.{i}")
+        layers[i].mlp = SparseFFN(layer, context, name=f"{name}.layers.{i}")
         out[i] = layers[i].mlp
     lm.zoo_sparse_context = context
     return out
@@ -182,15 +195,18 @@ def sparse_layers(model: nn.Module) -> dict[str, SparseFFN]:
     return {m.name: m for m in model.modules() if isinstance(m, SparseFFN)}
 
 
-def gather_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Aux losses of the last forward, summed over sparse layers, unscaled, by name (``balance``, ...)."""
-    total: dict[str, torch.Tensor] = {}
+def gather_aux_losses(model: nn.Module, reduce: str = "sum") -> dict[str, torch.Tensor]:
+    """Aux losses of the last forward by name (``balance``, ...), unscaled, summed (``reduce="sum"``, MoE-LLaVA) or
+    averaged (``"mean"``, CuMo) over the sparse layers that gave one."""
+    values: dict[str, list[torch.Tensor]] = {}
     for layer in sparse_layers(model).values():
         if layer.last is None:
             continue
         for name, value in layer.last.aux_losses.items():
-            total[name] = total[name] + value if name in total else value
-    return total
+            values.setdefault(name, []).append(value)
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"layer_losses: expected 'sum' or 'mean', got {reduce!r}")
+    return {name: torch.stack(v).sum() if reduce == "sum" else torch.stack(v).mean() for name, v in values.items()}
 
 
 def gather_routing_stats(model: nn.Module) -> dict[str, RoutingStats]:

@@ -94,6 +94,8 @@ class DenseFFN:
 def _linear_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight as [in, out], bias) of an nn.Linear or a GPT-2 style Conv1D (weight already [in, out])."""
     w = layer.weight.detach()
+    if w.dim() != 2:
+        raise ValueError(f"{type(layer).__name__}: not a linear layer (weight of shape {tuple(w.shape)})")
     if type(layer).__name__ == "Conv1D":
         return w, None if layer.bias is None else layer.bias.detach()
     return w.t(), None if getattr(layer, "bias", None) is None else layer.bias.detach()
@@ -102,7 +104,7 @@ def _linear_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 def _module_activation(module: nn.Module, activation: str | None) -> str:
     if activation is not None:
         return activation
-    for attr in ("act_fn", "activation_fn", "act", "activation"):
+    for attr in ("act_fn", "activation_fn", "act", "activation", "gelu"):  # gelu: open_clip's MLP Sequential
         act = getattr(module, attr, None)
         if callable(act):
             return activation_name(act)
