@@ -70,11 +70,16 @@ def test_published_counts_cover_the_papers_figures():
     assert truncated == ["moe-llava-stablelm-1.6b-4e"]
 
 
-def test_cumo_connector_is_four_mlp_experts_top2_over_s2_channels():
-    """Closed form: 4 x mlp2x_gelu(2048 -> 4096 -> 4096) + a 2048 -> 4 router; a token runs the router and 2 experts."""
-    total, active = cached_param_counts("cumo-mistral-7b").parts["connector"]
+def test_cumo_connector_and_clip_moe_closed_forms():
+    """Connector: 4 x mlp2x_gelu(2048 -> 4096 -> 4096) + a 2048 -> 4 router; a token runs the router and 2 experts."""
+    counts = cached_param_counts("cumo-mistral-7b")
+    total, active = counts.parts["connector"]
     expert = 2048 * 4096 + 4096 + 4096 * 4096 + 4096
     assert (total, active) == (4 * expert + 4 * 2048, 2 * expert + 4 * 2048)
+    # CLIP-MoE: the 23 blocks below the feature layer hold 4 copies of CLIP-L's MLP (1024 -> 4096 -> 1024), a token
+    # runs 2 of them
+    vision_total, vision_active = counts.parts["vision"]
+    assert vision_total - vision_active == 23 * 2 * (1024 * 4096 + 4096 + 4096 * 1024 + 1024)
 
 
 @pytest.mark.parametrize("twin", TWINS)
@@ -83,6 +88,7 @@ def test_tiny_twin_mirrors_its_entry(twin):
     assert tiny.family == real.family
     assert [v.kind for v in tiny.vision_experts] == [v.kind for v in real.vision_experts]
     assert [bool(v.scales) for v in tiny.vision_experts] == [bool(v.scales) for v in real.vision_experts]
+    assert [v.sparsity for v in tiny.vision_experts] == [v.sparsity for v in real.vision_experts]
     assert (tiny.fusion.mode, tiny.connector.kind, tiny.connector.projector) == (
         real.fusion.mode, real.connector.kind, real.connector.projector)
     assert tiny.lm.config["model_type"] == real.lm.config["model_type"]

@@ -124,13 +124,33 @@ def test_released_layout_errors_name_the_tensor(tmp_path):
 
 def _cumo_layout(model) -> dict[str, torch.Tensor]:
     """A zoo CuMo model's weights in CuMo's names: ``model.mm_projector`` = MLPMoE (``gate`` Linear [E, C], ``experts``
-    = E x Sequential(Linear, GELU, Linear)); ``model.vision_tower.vision_model`` = CLIP without post-layernorm."""
+    = E x Sequential(Linear, GELU, Linear)); ``model.vision_tower.vision_model`` = CLIP-MoE without post-layernorm,
+    every block ``gate`` (Linear [E, d]) + ``experts`` = E x CLIPMLP(fc1, fc2) -- also the last block, which the zoo
+    keeps dense (it never feeds the penultimate-layer features): written as copies of its MLP."""
     out = {}
+    tower = "model.vision_tower.vision_model."
     for key, value in model.state_dict().items():
+        moe = re.match(r"vision\.expert\.model\.encoder\.layers\.(\d+)\.mlp\.moe\.(.+)$", key)
+        dense = re.match(r"vision\.expert\.model\.encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$", key)
         if key.startswith("lm.model.") or key == "lm.lm_head.weight":
             out[key.removeprefix("lm.")] = value
+        elif moe is not None:
+            i, name = moe.groups()
+            block = f"{tower}encoder.layers.{i}."
+            if name == "router.weight":
+                out[block + "gate.weight"] = value
+                continue
+            layer = {"w_in": "fc1", "b_in": "fc1", "w_out": "fc2", "b_out": "fc2"}[name.split(".")[1]]
+            for e in range(value.shape[0]):
+                kind = "weight" if name.split(".")[1].startswith("w") else "bias"
+                out[f"{block}experts.{e}.{layer}.{kind}"] = value[e].t() if kind == "weight" else value[e]
+        elif dense is not None:
+            i, layer, kind = dense.groups()
+            for e in range(4):
+                out[f"{tower}encoder.layers.{i}.experts.{e}.{layer}.{kind}"] = value
+            out[f"{tower}encoder.layers.{i}.gate.weight"] = torch.zeros(4, model.vision.expert.hf_config.hidden_size)
         elif key.startswith("vision.expert.model.") and "post_layernorm" not in key:
-            out["model.vision_tower.vision_model." + key.removeprefix("vision.expert.model.")] = value
+            out[tower + key.removeprefix("vision.expert.model.")] = value
     experts = model.connector.experts
     out["model.mm_projector.gate.weight"] = model.connector.router.weight
     for e in range(experts.num_experts):
@@ -145,12 +165,12 @@ def _write_cumo(tmp_path, model, state):
     from safetensors.torch import save_file
 
     src, tower = tmp_path / "cumo", tmp_path / "cumo-clip"
-    src.mkdir()
+    src.mkdir(parents=True)
     save_file(state, str(src / "model.safetensors"))
     CLIPVisionModel(model.vision.expert.hf_config).save_pretrained(tower)  # its config: the tower's architecture
     config = {**model.lm.config.to_dict(), "model_type": "llava_mistral", "mm_vision_tower": str(tower),
               "mm_projector_type": "smoe_mlp", "num_experts": 4, "num_selected": 2, "scales": [1, 3],
-              "clip_smoe": False, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+              "clip_smoe": True, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
               "image_aspect_ratio": "pad"}
     (src / "config.json").write_text(json.dumps(config))
     model.tokenizer.save_pretrained(src)
@@ -160,12 +180,14 @@ def _write_cumo(tmp_path, model, state):
 def test_cumo_layout_converts_with_identical_logits(tmp_path, easy_vqa):
     torch.manual_seed(0)
     source = zoo.build("cumo-mistral-7b-tiny").eval()
-    with torch.no_grad():  # distinct experts and a decisive router, so a swapped expert or transpose shows
-        for p in source.connector.parameters():
-            p.normal_(0, 0.5)
+    with torch.no_grad():  # distinct experts and decisive routers, so a swapped expert or transpose shows
+        for name, p in source.named_parameters():
+            if name.startswith("connector.") or ".mlp.moe." in name:
+                p.normal_(0, 0.5)
     src = _write_cumo(tmp_path, source, _cumo_layout(source))
     model = from_released(src)
     assert model.config.connector.kind == "moe_mlp" and model.config.vision.scales == [1, 3]
+    assert model.config.vision.sparsity.preset == "cumo" and zoo.param_counts(model) == zoo.param_counts(source)
     images = easy_vqa["test"].images[:2]
     pixels = model.vision.preprocess(images)
     ids, mask = model.collate_prompts([model.encode_prompt("what shape is it?")] * 2, padding_side="right")
@@ -176,14 +198,19 @@ def test_cumo_layout_converts_with_identical_logits(tmp_path, easy_vqa):
     assert torch.equal(model.generate(pixels, left, left_mask, 4), source.generate(pixels, left, left_mask, 4))
 
 
-def test_cumo_clip_moe_tower_is_refused_by_name(tmp_path):
+def test_cumo_clip_moe_errors_name_the_tensor(tmp_path):
     torch.manual_seed(0)
     source = zoo.build("cumo-mistral-7b-tiny").eval()
     state = _cumo_layout(source)
-    state["model.vision_tower.vision_model.encoder.layers.0.experts.0.fc1.weight"] = torch.zeros(64, 32)
-    with pytest.raises(ReleasedCheckpointError, match=r"encoder\.layers\.0\.experts\.0\.fc1\.weight: a sparse vision "
-                                                      r"tower \(CuMo's CLIP-MoE\)"):
-        from_released(_write_cumo(tmp_path, source, state))
+    del state["model.vision_tower.vision_model.encoder.layers.1.experts.2.fc2.bias"]
+    with pytest.raises(ReleasedCheckpointError, match=r"encoder\.layers\.1\.experts\.2\.fc2\.bias: missing from the "
+                                                      r"CLIP-MoE tower"):
+        from_released(_write_cumo(tmp_path / "a", source, state))
+    src = _write_cumo(tmp_path / "b", source, _cumo_layout(source))
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "clip_smoe": False}))
+    with pytest.raises(ReleasedCheckpointError, match=r"the vision tower has MoE blocks .* but clip_smoe is not set"):
+        from_released(src)
 
 
 # ---------------------------------------------------------------------------------------------------- MoE-LLaVA

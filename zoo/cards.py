@@ -116,7 +116,8 @@ def _vision_text(v: VisionConfig) -> str:
     name = v.expert or v.name or v.kwargs.get("model_type") or v.kind
     size = v.image_size or v.kwargs.get("image_size") or v.kwargs.get("img_size")
     text = f"{name}@{size}" if size else name
-    return text + (f" S2{v.scales}" if v.scales else "")
+    text += f" S2{v.scales}" if v.scales else ""
+    return text + (f" MoE({_moe_text(v.sparsity.moe)})" if v.sparsity is not None else "")
 
 
 def _moe_text(moe: dict, default_experts: int = 4, default_k: int = 2) -> str:

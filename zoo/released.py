@@ -11,6 +11,7 @@ layout          vision tower (when saved)                  projector            
 ``llava``       ``model.vision_tower.vision_tower.*``      ``model.mm_projector.{0,2}.*`` (mlp2x_gelu)     Llama
 ``moe-llava``   ``model.image_tower.image_tower.*``        ``model.mm_projector.image_spatial_proj.*``     StableLM / Phi / Qwen, DeepSpeed-MoE FFNs
 ``cumo``        ``model.vision_tower.vision_model.*``      ``model.mm_projector.{gate,experts.{e}.{0,2}}``  Mistral
+                (CLIP-MoE: ``encoder.layers.{i}.{gate,experts.{e}.fc1/fc2}``)
 ==============  =========================================  ==============================================  ========
 
 A tower that is not in the checkpoint (LLaVA-1.5 never saves its frozen CLIP) is read from ``vision_tower`` (a
@@ -162,6 +163,10 @@ def _vision(config: dict, tower: dict[str, torch.Tensor], vision_tower: str | No
     fields = dict(kind="hf", feature_layer=int(config.get("mm_vision_select_layer", -2)),
                   drop_prefix=select == "patch", resize="pad" if config.get("image_aspect_ratio") == "pad" else "squash",
                   scales=config.get("scales") if config.get("scales") not in (None, [1]) else None)
+    if config.get("clip_smoe"):  # CuMo's CLIP-MoE: the cumo policy with the checkpoint's expert counts
+        fields["sparsity"] = from_dict(SparsityConfig, {"preset": "cumo", "moe": {
+            "num_experts": int(config.get("num_experts", 4)), "top_k": int(config.get("num_selected", 2))}},
+            path="vision.sparsity")
     tower = {k.removeprefix("vision_model."): v for k, v in tower.items()}
     if not tower:  # the released weights hold no tower: read it from its own checkpoint
         return VisionConfig(name=str(name), pretrained=True, **fields), {}
@@ -209,6 +214,39 @@ def _projector(config: dict, state: dict[str, torch.Tensor], layout: str
         raise ReleasedCheckpointError(f"config.json: projector type {kind!r} has no zoo equivalent (linear, "
                                       "mlpNx_gelu, smoe_mlp)")
     return ConnectorConfig(kind="mlp", projector=kind), {f"layers.{k}": v for k, v in weights.items()}
+
+
+def _clip_moe_names(tower: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """CuMo's CLIP-MoE block tensors (``encoder.layers.{i}.gate.weight`` [E, d], ``encoder.layers.{i}.experts.{e}.
+    fc1/fc2``) in the zoo's names (``encoder.layers.{i}.mlp.moe.router.weight``, stacked ``experts.w_in`` [E, d, f],
+    ``b_in``, ``w_out`` [E, f, d], ``b_out``). Blocks after the feature layer are dense in the zoo and never run
+    into the features: their CuMo tensors are dropped and their indices returned."""
+    out, blocks, unreached = {}, {}, set()
+    for key, value in tower.items():
+        m = re.match(r"encoder\.layers\.(\d+)\.(gate\.weight|experts\.(\d+)\.(fc[12])\.(weight|bias))$", key)
+        if m is None:
+            out[key] = value
+            continue
+        i = int(m.group(1))
+        if f"encoder.layers.{i}.mlp.moe.router.weight" not in ours:
+            unreached.add(i)
+        elif m.group(2) == "gate.weight":
+            out[f"encoder.layers.{i}.mlp.moe.router.weight"] = value
+        else:
+            blocks.setdefault(i, {})[(int(m.group(3)), m.group(4), m.group(5))] = value
+    for i, parts in blocks.items():
+        experts = sorted({e for e, _, _ in parts})
+        try:
+            out[f"encoder.layers.{i}.mlp.moe.experts.w_in"] = torch.stack([parts[(e, "fc1", "weight")].t() for e in experts])
+            out[f"encoder.layers.{i}.mlp.moe.experts.b_in"] = torch.stack([parts[(e, "fc1", "bias")] for e in experts])
+            out[f"encoder.layers.{i}.mlp.moe.experts.w_out"] = torch.stack([parts[(e, "fc2", "weight")].t() for e in experts])
+            out[f"encoder.layers.{i}.mlp.moe.experts.b_out"] = torch.stack([parts[(e, "fc2", "bias")] for e in experts])
+        except KeyError as err:
+            e, layer, kind = err.args[0]
+            raise ReleasedCheckpointError(f"encoder.layers.{i}.experts.{e}.{layer}.{kind}: missing from the CLIP-MoE "
+                                          "tower") from None
+    return out, sorted(unreached)
 
 
 def _sparsity(config: dict) -> SparsityConfig:
@@ -263,10 +301,10 @@ def from_released(directory: str | Path, vision_tower: str | None = None, tokeni
         raise ReleasedCheckpointError(f"{directory}: a {layout} checkpoint; zoo.load reads it directly")
     state = read_state_dict(directory)
     tower = _take(state, TOWER_PREFIXES[layout])
-    clip_moe = sorted(k for k in tower if re.search(r"\.(experts\.\d+|gate)\.", k))
-    if clip_moe:
-        raise ReleasedCheckpointError(f"{TOWER_PREFIXES[layout][0]}{clip_moe[0]}: a sparse vision tower (CuMo's "
-                                      "CLIP-MoE); zoo vision experts have no sparse layers yet")
+    sparse_tower = any(re.search(r"\.(experts\.\d+|gate)\.", k) for k in tower)
+    if sparse_tower and not config.get("clip_smoe"):
+        raise ReleasedCheckpointError("config.json: the vision tower has MoE blocks (experts / gate tensors) but "
+                                      "clip_smoe is not set")
     vision, tower = _vision(config, tower, vision_tower, layout)
     connector, projector = _projector(config, state, layout)
     tok_config = TokenizerConfig(name=str(directory))
@@ -281,9 +319,12 @@ def from_released(directory: str | Path, vision_tower: str | None = None, tokeni
         image_token_id=tokenizer.convert_tokens_to_ids(tok_config.image_token))
     model = ZooModel(model_config, tokenizer)
     if tower:
-        # CuMo's tower has no post-layernorm: it is never read at a feature layer below the last block
-        _load(model.vision.expert.model if hasattr(model.vision, "expert") else model.vision.model, tower,
-              "vision", unused_ok=("post_layernorm",) if layout == "cumo" else ())
+        target = getattr(model.vision, "expert", model.vision).model
+        unused: tuple[str, ...] = ()
+        if layout == "cumo":  # no post-layernorm in CuMo's tower: never read below the last block
+            tower, unreached = _clip_moe_names(tower, target.state_dict())
+            unused = ("post_layernorm", *(f"encoder.layers.{i}." for i in unreached))
+        _load(target, tower, "vision", unused_ok=unused)
     _load(model.connector, projector, "connector")
     if layout == "moe-llava":
         from zoo.lm.interop import import_moe_llava_state_dict
