@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from zoo.config import ConnectorConfig
+from zoo.moe.layer import RoutingStats
 from zoo.registry import Registry
 
 CONNECTORS: Registry = Registry("connector")
@@ -15,13 +16,16 @@ CONNECTORS: Registry = Registry("connector")
 
 @dataclass
 class ConnectorOutput:
-    """``tokens``: ``[B, Lv, d_lm]``; ``aux_losses``: unscaled named losses; ``routing``: statistics by name;
-    ``expert_ids``: ``[Lv]`` the vision expert each token comes from (sequence-fused experts), else None."""
+    """``tokens``: ``[B, Lv, d_lm]``; ``aux_losses``: unscaled named losses; ``routing``: other per-call outputs by
+    name (MoVA's gate weights, MoCHA's HGA gate, MouSi's position ids); ``expert_ids``: ``[Lv]`` the vision expert
+    each token comes from (sequence-fused experts), else None; ``routing_stats``: `zoo.moe.RoutingStats` of each
+    routed part, as sparse LM layers give them (``connector``, or ``connector.<i>`` for vision expert i's)."""
 
     tokens: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     routing: dict[str, torch.Tensor] = field(default_factory=dict)
     expert_ids: torch.Tensor | None = None
+    routing_stats: dict[str, RoutingStats] = field(default_factory=dict)
 
 
 class PerExpertConnector(nn.Module):
@@ -46,7 +50,8 @@ class PerExpertConnector(nn.Module):
                          for i, o in enumerate(outs)])
         aux = {f"{k}.{i}": v for i, o in enumerate(outs) for k, v in o.aux_losses.items()}
         routing = {f"{k}.{i}": v for i, o in enumerate(outs) for k, v in o.routing.items()}
-        return ConnectorOutput(torch.cat([o.tokens for o in outs], 1), aux, routing, ids)
+        stats = {f"{k}.{i}": v for i, o in enumerate(outs) for k, v in o.routing_stats.items()}
+        return ConnectorOutput(torch.cat([o.tokens for o in outs], 1), aux, routing, ids, stats)
 
 
 def build_connector(config: ConnectorConfig, in_dim: int | list[int], out_dim: int) -> nn.Module:

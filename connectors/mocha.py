@@ -19,7 +19,7 @@ SigLIP, ConvNeXt, CLIP, DINOv2), and each token's group is its vision expert. ``
 * ``none``: the concatenation as is.
 
 `upcycle_mocha` co-upcycles trained per-expert ``mlp2x_gelu`` connectors. Aux losses and routing statistics of the
-expert connectors carry the vision expert's index (``balance.0``, ``z_loss.1``, ``expert_load.2``); ``hga_gate``
+expert connectors carry the vision expert's index (``balance.0``, ``z_loss.1``, ``routing_stats["connector.2"]``); ``hga_gate``
 ``[B, Lv]`` is the HGA gate.
 """
 
@@ -193,13 +193,14 @@ class MoCHAConnector(nn.Module):
         expert_ids = torch.repeat_interleave(torch.tensor(self.order), lengths).to(tokens.device)
         aux = {f"{name}.{i}": value for i in self.order for name, value in outs[i].aux_losses.items()}
         routing = {f"{name}.{i}": value for i in self.order for name, value in outs[i].routing.items()}
+        stats = {f"{name}.{i}": value for i in self.order for name, value in outs[i].routing_stats.items()}
         if self.hga == "graph":
             tokens, gate = graph_hga(tokens, expert_ids, self.neighbours, self.intra_fraction)
             routing["hga_gate"] = gate.detach()
         elif self.attention is not None:
             tokens, gate = self.attention(tokens, expert_ids)
             routing["hga_gate"] = gate.detach()
-        return ConnectorOutput(tokens, aux, routing, expert_ids)
+        return ConnectorOutput(tokens, aux, routing, expert_ids, stats)
 
 
 def upcycle_mocha(mlps: PerExpertConnector | Sequence[MLPProjector], options: dict[str, Any] | None = None,

@@ -30,10 +30,9 @@ from torch import nn
 
 from zoo.config import ConfigError, ConnectorConfig, from_dict
 from zoo.moe import ROUTERS, ExpertMLP, MoEConfig, StackedExperts
-from zoo.moe import losses as L
 from zoo.moe.dispatch import get_dispatch
 from zoo.moe.experts import DenseFFN
-from zoo.moe.layer import combine_weights, routing_losses
+from zoo.moe.layer import combine_weights, routing_losses, routing_stats
 from zoo.moe.routing import Routing
 
 from .base import CONNECTORS, ConnectorOutput
@@ -140,8 +139,8 @@ class MoEMLPConnector(nn.Module):
     ``connector.moe``: the `MOE_DEFAULTS` keys (``num_experts`` 4, ``top_k`` 2, ``router``, ``renormalize``,
     ``router_init_std``, ``backend``, ``balance_loss`` ``switch_per_sequence`` | ``switch`` | null, ``z_loss``). ``connector.projector`` must
     be ``mlp2x_gelu``; ``connector.bias`` applies to the experts. No ``options``.
-    Output: tokens, aux losses ``balance`` and ``z_loss`` (as configured) and routing statistics
-    ``expert_load`` ``[E]`` (slots per expert in this call) and ``router_entropy`` (mean, nats).
+    Output: tokens, aux losses ``balance`` and ``z_loss`` (as configured) and ``routing_stats["connector"]``, a
+    `zoo.moe.RoutingStats` (slots per expert, entropy; every token is an image token, none is dropped).
     """
 
     default_coefficients = {"balance": 0.1, "z_loss": 0.01}  # CuMo's balance_loss_coef, router_z_loss_coef
@@ -188,11 +187,12 @@ class MoEMLPConnector(nn.Module):
         b, length, _ = tokens.shape
         flat = tokens.reshape(b * length, self.in_dim)
         routing = self.router(flat)
-        weight = combine_weights(routing, torch.ones_like(routing.expert, dtype=torch.bool))
-        out = self.dispatch(self.experts, flat, routing.token, routing.expert, weight).to(tokens.dtype)
-        stats = {"expert_load": torch.bincount(routing.expert.detach(), minlength=self.moe.num_experts),
-                 "router_entropy": L.router_entropy(routing.probs.detach())}
-        return ConnectorOutput(out.view(b, length, self.out_dim), self.aux_losses(routing, b), stats)
+        keep = torch.ones_like(routing.expert, dtype=torch.bool)  # dropless
+        out = self.dispatch(self.experts, flat, routing.token, routing.expert, combine_weights(routing, keep))
+        stats = routing_stats(routing, keep, self.moe.num_experts)
+        stats.by_modality = {"image": dataclasses.replace(stats)}  # a connector sees image tokens only
+        return ConnectorOutput(out.to(tokens.dtype).view(b, length, self.out_dim), self.aux_losses(routing, b),
+                               routing_stats={"connector": stats})
 
 
 def upcycle_connector(mlp: MLPProjector, **moe: Any) -> MoEMLPConnector:

@@ -96,7 +96,10 @@ def test_moe_mlp_matches_the_released_per_sample_loop(backend):
     torch.testing.assert_close(out.tokens, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.aux_losses["balance"], balance, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.aux_losses["z_loss"], z_loss, rtol=1e-6, atol=1e-6)
-    assert out.routing["expert_load"].sum() == 3 * 10 * 2 and out.routing["expert_load"].shape == (4,)
+    stats = out.routing_stats["connector"]
+    assert stats.kept.sum() == 3 * 10 * 2 and stats.kept.shape == (4,) and stats.tokens == 30
+    assert int(stats.dropped) == 0 and torch.equal(stats.by_modality["image"].kept, stats.kept)
+    assert stats.as_dict()["image"]["tokens_per_expert"] == stats.kept.tolist()
 
 
 def test_batched_dispatch_equals_each_sample_alone():

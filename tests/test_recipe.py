@@ -115,7 +115,7 @@ def test_co_upcycle_keeps_the_model_output_and_records_the_new_connector(name, o
     with torch.no_grad():
         out = model(**batch)
     torch.testing.assert_close(out.logits, before, rtol=0, atol=1e-5)  # every expert is a copy of the MLP
-    assert any(k.startswith("expert_load") for k in out.routing)
+    assert any(k.startswith("connector") for k in out.routing_stats)
     model.save_pretrained(tmp_path / "ckpt")
     assert zoo.load(str(tmp_path / "ckpt")).config.connector.kind == kind
     with pytest.raises(ConfigError, match=r"co_upcycle needs an mlp connector"):

@@ -60,7 +60,7 @@ class ZooLightningModule(L.LightningModule):
         self.config = config
         self.losses: list[torch.Tensor] = []  # per batch, global (detached; no device sync while training)
         self.data_position: dict | None = None  # where the data continues after the last batch trained on
-        self.last_routing = None  # the last forward's (routing_stats, connector routing), for routing callbacks
+        self.last_routing = None  # the last forward's routing_stats, for routing callbacks
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         position = batch.pop("data_position", None)
@@ -76,7 +76,7 @@ class ZooLightningModule(L.LightningModule):
         if world > 1:
             reported = self.trainer.strategy.reduce(reported, reduce_op="mean")
         self.losses.append(reported)
-        self.last_routing = (out.routing_stats, out.routing)  # not the whole output: its logits are large
+        self.last_routing = out.routing_stats  # not the whole output: its logits are large
         self.data_position = position
         size = batch["input_ids"].shape[0]
         self.log("train/loss", reported, prog_bar=True, batch_size=size)

@@ -1,7 +1,7 @@
 """The routing callback: per-layer expert load, drop rate and router entropy by modality while training.
 
 `RoutingMonitor` reads each training step's ``ZooOutput.routing_stats`` (sparse LM layers, split into image and
-text tokens) and the connector's ``routing`` (MoE connectors: image tokens), logs ``routing/<layer>/<modality>/
+text tokens; sparse vision blocks; MoE connectors: image tokens), logs ``routing/<layer>/<modality>/
 {drop_rate,entropy,imbalance}`` every ``log_every`` steps, and at the end of training writes ``routing.csv`` (one
 row per layer x modality over the whole stage) and ``routing.png`` (the load heatmap). Models that do not route
 write nothing.
@@ -14,16 +14,7 @@ from pathlib import Path
 
 import lightning as L
 
-from zoo.analysis import RoutingTotals, connector_routing_stats, routing_heatmap, routing_load_table
-
-
-def _connector_top_k(connector) -> dict[str, int]:
-    """Slots per token of each routed connector (``connector``, or ``connector.i`` for MoCHA's expert i)."""
-    moe = getattr(connector, "moe", None)
-    if moe is not None:
-        return {"connector": moe.top_k}
-    return {f"connector.{i}": c.moe.top_k for i, c in enumerate(getattr(connector, "connectors", []))
-            if getattr(c, "moe", None) is not None}
+from zoo.analysis import RoutingTotals, routing_heatmap, routing_load_table
 
 
 class RoutingMonitor(L.Callback):
@@ -39,10 +30,7 @@ class RoutingMonitor(L.Callback):
         last = getattr(module, "last_routing", None)
         if last is None:
             return
-        lm_stats, connector_routing = last
-        stats = dict(lm_stats)
-        stats.update(connector_routing_stats(connector_routing, _connector_top_k(module.model.connector)))
-        for layer, layer_stats in stats.items():
+        for layer, layer_stats in last.items():
             self.totals.add(layer, layer_stats)
             self._window.add(layer, layer_stats)
         if self._window and (batch_idx + 1) % self.log_every == 0:

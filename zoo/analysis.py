@@ -8,8 +8,8 @@ Used by the training routing callback (`zoo.train.routing.RoutingMonitor`) and m
 >>> print(format_routing_table(rows))
 >>> routing_heatmap({f"{r['layer']} {r['modality']}": r["load"] for r in rows}, "routing.png", "expert load")
 
-A connector's routing statistics (``ZooOutput.routing``: ``expert_load`` ``[E]``, ``router_entropy``; MoCHA adds the
-vision expert's index, ``expert_load.1``) become `RoutingStats` of image tokens with `connector_routing_stats`.
+``ZooOutput.routing_stats`` holds every routed part of a model in this one form: sparse LM layers, routed LoRA layers,
+sparse vision blocks and MoE connectors (``connector``, ``connector.<i>``).
 """
 
 from __future__ import annotations
@@ -22,27 +22,6 @@ import torch
 from zoo.moe.layer import RoutingStats
 
 MODALITIES = ("image", "text")
-
-
-def connector_routing_stats(routing: Mapping[str, torch.Tensor], top_k: int | Mapping[str, int] = 1
-                            ) -> dict[str, RoutingStats]:
-    """`RoutingStats` per routed connector from a connector's ``routing`` dict: ``connector`` (or ``connector.1``
-    for vision expert 1); connectors never drop tokens and see image tokens only. ``top_k``: slots per token (per
-    connector name, or one for all) to count tokens from slots."""
-    out = {}
-    for key, load in routing.items():
-        if not key.startswith("expert_load"):
-            continue
-        suffix = key[len("expert_load"):]
-        name = "connector" + suffix
-        k = top_k.get(name, 1) if isinstance(top_k, Mapping) else top_k
-        load = load.detach().cpu().long()
-        entropy = routing.get("router_entropy" + suffix, torch.tensor(float("nan"))).detach().cpu().float()
-        stats = RoutingStats(assigned=load, kept=load, dropped=torch.tensor(0), null=torch.tensor(0),
-                             tokens=int(load.sum()) // max(k, 1), entropy=entropy)
-        stats.by_modality = {"image": stats}
-        out[name] = stats
-    return out
 
 
 class RoutingTotals:
@@ -152,5 +131,5 @@ def routing_heatmap(loads: Mapping[str, Sequence[float]], path: str | Path, titl
     return path
 
 
-__all__ = ["MODALITIES", "RoutingTotals", "connector_routing_stats", "format_routing_table", "routing_heatmap",
+__all__ = ["MODALITIES", "RoutingTotals", "format_routing_table", "routing_heatmap",
            "routing_load_table"]

@@ -1,8 +1,8 @@
 """``zoo analyze routing``: where a trained model sends its tokens, per sparse layer, by modality and by benchmark.
 
 The analysis MoE-LLaVA draws offline: the model reads each benchmark's questions (image + prompt, teacher-forced,
-no generation) and every routed layer's statistics (`ZooOutput.routing_stats` of the sparse LM layers, split into
-image and text tokens; the connector's ``routing`` for MoE connectors) are summed per benchmark with
+no generation) and every routed layer's statistics (`ZooOutput.routing_stats`: sparse LM layers, split into image
+and text tokens; sparse vision blocks; MoE connectors) are summed per benchmark with
 `zoo.analysis.RoutingTotals`. Written to ``out_dir``:
 
 * ``routing.md``: one table per benchmark (`zoo.analysis.format_routing_table`: load per expert, drop rate, entropy,
@@ -22,13 +22,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.analysis import RoutingTotals, connector_routing_stats, format_routing_table, routing_heatmap, routing_load_table
-
-
-def _connector_top_k(connector) -> dict[str, int]:
-    from zoo.train.routing import _connector_top_k as top_k  # the training callback's reading of the connector
-
-    return top_k(connector)
+from zoo.analysis import RoutingTotals, format_routing_table, routing_heatmap, routing_load_table
 
 
 @torch.no_grad()
@@ -37,7 +31,6 @@ def route_samples(model, benchmark, samples, batch_size: int = 16, progress: boo
     from zoo.encoders import map_pixels
 
     totals = RoutingTotals()
-    top_k = _connector_top_k(model.connector)
     starts = range(0, len(samples), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -50,8 +43,7 @@ def route_samples(model, benchmark, samples, batch_size: int = 16, progress: boo
                                           padding_side="right")
         pixels = map_pixels(model.vision.preprocess([s.load_image() for s in batch]), lambda t: t.to(model.device))
         out = model(ids.to(model.device), pixels, mask.to(model.device))
-        stats = {**out.routing_stats, **connector_routing_stats(out.routing, top_k)}
-        for layer, layer_stats in stats.items():
+        for layer, layer_stats in out.routing_stats.items():
             totals.add(layer, layer_stats)
     return totals
 

@@ -76,8 +76,9 @@ class ZooOutput:
     past_key_values: object | None = None
     image_mask: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None  # of the spliced sequence
-    routing_stats: dict[str, RoutingStats] = field(default_factory=dict)  # per sparse LM layer (lm.layers.{i}) and
-    # per routed LoRA layer (lm.lora.<module name>)
+    # routing statistics of every routed part: sparse LM layers (lm.layers.{i}), routed LoRA layers (lm.lora.<module>),
+    # sparse vision blocks (vision[.{e}].layers.{i}) and MoE connectors (connector[.{e}])
+    routing_stats: dict[str, RoutingStats] = field(default_factory=dict)
 
 
 class ZooModel(nn.Module):
@@ -305,6 +306,8 @@ class ZooModel(nn.Module):
         stats = self._lm_routing_stats()
         if vision_ran:
             stats.update(gather_routing_stats(self.vision))
+        if image_out is not None:
+            stats.update(image_out.routing_stats)
         return ZooOutput(logits=out.logits, loss=loss, lm_loss=out.loss, aux_losses=aux, routing=routing,
                          image_mask=sp.image_mask, attention_mask=sp.attention_mask, routing_stats=stats)
 

@@ -72,7 +72,10 @@ class MoEOutput:
     routing: Routing
 
 
-def _stats(routing: Routing, keep: torch.Tensor, num_experts: int, rows: torch.Tensor | None = None) -> RoutingStats:
+def routing_stats(routing: Routing, keep: torch.Tensor, num_experts: int, rows: torch.Tensor | None = None
+                  ) -> RoutingStats:
+    """`RoutingStats` of one routing: ``keep`` [S] which slots fit their capacity; ``rows`` (bool [T]) restricts them
+    to a subset of the tokens (a modality)."""
     expert, probs = routing.expert, routing.probs
     if rows is not None:  # restrict to the slots of a subset of tokens (bool [T])
         slot_sel = rows[routing.token]
@@ -198,13 +201,13 @@ class MoELayer(nn.Module):
                 shared = F.sigmoid(self.shared_gate(flat)) * shared
             routed = routed + shared
 
-        stats = _stats(routing, keep, cfg.num_experts)
+        stats = routing_stats(routing, keep, cfg.num_experts)
         if modality is not None:
             mod = modality.reshape(-1).bool()
             if rows is not None:
                 mod = mod[rows]
-            stats.by_modality = {"image": _stats(routing, keep, cfg.num_experts, mod),
-                                 "text": _stats(routing, keep, cfg.num_experts, ~mod)}
+            stats.by_modality = {"image": routing_stats(routing, keep, cfg.num_experts, mod),
+                                 "text": routing_stats(routing, keep, cfg.num_experts, ~mod)}
         sequence = None
         if cfg.balance_loss == "switch_per_sequence" and x.dim() >= 3:  # each leading row is one sequence (image)
             sequence = torch.arange(flat.shape[0], device=x.device) // x.shape[-2]

@@ -16,7 +16,7 @@ from torch import nn
 from zoo.moe.config import MoEConfig
 from zoo.moe.dispatch import get_dispatch
 from zoo.moe.experts import StackedExperts
-from zoo.moe.layer import MoEOutput, RoutingStats, _stats, combine_weights, routing_losses
+from zoo.moe.layer import MoEOutput, RoutingStats, combine_weights, routing_losses, routing_stats
 from zoo.moe.routing import ROUTERS, Routing, capacity_keep
 
 MODALITIES = ("image", "text")
@@ -105,7 +105,7 @@ class ModalityMoELayer(nn.Module):
 
     def _global_stats(self, routing: Routing, keep: torch.Tensor, name: str) -> RoutingStats:
         """Statistics of one modality's routing with its candidate ids mapped back to the layer's experts."""
-        local = _stats(routing, keep, self.router_configs[name].num_experts)
+        local = routing_stats(routing, keep, self.router_configs[name].num_experts)
         ids = getattr(self, f"{name}_experts")
         place = lambda v: torch.zeros(self.config.num_experts, dtype=v.dtype, device=v.device).index_add_(0, ids, v)  # noqa: E731
         return RoutingStats(place(local.assigned), place(local.kept), local.dropped, local.null, local.tokens,
