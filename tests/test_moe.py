@@ -561,23 +561,40 @@ def test_expert_segments_gradcheck(case):
     assert torch.autograd.gradcheck(run, inputs)
 
 
-def test_expert_blocks_split_by_rows_and_keep_whole_experts(monkeypatch):
+def test_expert_blocks_trade_padding_against_block_count(monkeypatch):
     from zoo.moe import kernels
 
-    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", 80)  # 8 rows of width 10; an expert of 9 rows gets its own block
-    assert kernels.expert_blocks([3, 0, 5, 2, 9], width=10) == [(0, 3, 0, 8), (3, 4, 8, 10), (4, 5, 10, 19)]
-    assert kernels.expert_blocks([0, 0], width=10) == [(0, 2, 0, 0)]
+    monkeypatch.setattr(kernels, "BLOCK_COST_ROWS", 3)
+    # [4, 5] [1, 1]: 10 + 2 padded rows + 2 blocks * 3 = 18, cheaper than one block (20 + 3) or [4] [5] [1, 1] (20)
+    assert kernels.expert_blocks([4, 5, 1, 1], width=10) == [(0, 2, 5, 0), (2, 4, 1, 10)]
+    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", 80)  # at most 8 padded rows of width 10 per block...
+    assert kernels.expert_blocks([4, 5, 1, 1], width=10) == [(0, 1, 4, 0), (1, 2, 5, 4), (2, 4, 1, 9)]
+    assert kernels.expert_blocks([9, 0], width=10) == [(0, 1, 9, 0), (1, 2, 0, 9)]  # ...unless one expert needs more
+    monkeypatch.setattr(kernels, "BLOCK_COST_ROWS", 0)  # blocks are free: no padding at all
+    assert kernels.expert_blocks([2, 0, 3], width=10) == [(0, 1, 2, 0), (1, 2, 0, 2), (2, 3, 3, 2)]
+
+
+def test_block_layout_pads_each_expert_to_the_block_capacity(monkeypatch):
+    from zoo.moe import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_COST_ROWS", 100)
+    layout = kernels.BlockLayout.build([2, 0, 3, 1], torch.arange(6) + 10, torch.arange(6.0) + 1, width=4)
+    assert layout.blocks == [(0, 4, 3, 0)] and layout.rows == 12
+    assert layout.slot_row.tolist() == [0, 1, 6, 7, 8, 9]
+    assert layout.token.tolist() == [10, 11, 0, 0, 0, 0, 12, 13, 14, 15, 0, 0]
+    assert layout.gate.tolist() == [1, 2, 0, 0, 0, 0, 3, 4, 5, 6, 0, 0]
+    assert layout.padding.tolist() == [2, 3, 4, 5, 10, 11] and layout.padding_spans == [(0, 6)]
 
 
 @pytest.mark.parametrize("case", list(EXPERT_FORMS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_elements", [1, 1 << 21], ids=["expert_per_block", "one_block"])
-def test_expert_segments_match_the_per_expert_oracle(case, dtype, block_elements, monkeypatch):
+@pytest.mark.parametrize("blocks", ["expert_per_block", "one_padded_block"])
+def test_expert_segments_match_the_per_expert_oracle(case, dtype, blocks, monkeypatch):
     """Outputs and all gradients against the loop oracle's per-expert math, with an empty expert, in fp32 and bf16,
-    one expert per block and all in one block."""
+    one expert per block and all in one block (padding rows included)."""
     from zoo.moe import kernels
 
-    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(kernels, "BLOCK_COST_ROWS", 0 if blocks == "expert_per_block" else 1000)
     run, inputs, experts, token, gate = _segment_inputs(dtype, *EXPERT_FORMS[case])
     x = inputs[0]
     params = [t for t in inputs[2:] if t is not None]

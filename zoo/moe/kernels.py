@@ -21,6 +21,9 @@ bench/moe.py prints both kernels side by side.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -137,32 +140,84 @@ class WeightedSwiGLU(torch.autograd.Function):
         return swiglu_backward(h, sig, silu, grad * weight.unsqueeze(1), torch.empty_like(h)), grad_w
 
 
-BLOCK_ELEMENTS = 1 << 21  # rows per block of experts: about this many elements in its widest [rows, width] buffer
+# Blocks of consecutive experts padded to a common length run as one batched matmul per projection: one parallel
+# region per block and projection instead of one per expert (fine-grained experts make many small segments, and a
+# shared or oversubscribed CPU pays for every region), at the price of some padding rows.
+BLOCK_ELEMENTS = 1 << 22  # the widest per-block buffer [padded rows, width] holds at most about this many elements
+BLOCK_COST_ROWS = 512  # one more block costs as much as this many padding rows (the block partition's trade-off)
+
+
+@dataclass
+class BlockLayout:
+    """Slots sorted by expert laid out in padded blocks: block ``(first, end, capacity, row)`` holds experts
+    ``first..end-1``, ``capacity`` rows each (an expert's slots first, then padding), from padded row ``row`` on.
+
+    ``slot_row`` [S]: the padded row of each slot; ``token``, ``gate`` [R]: per padded row (0 on padding);
+    ``padding`` [R - S]: the padding rows, counted from their block's first row, block after block
+    (``padding_spans[b]`` delimits block b's). Padding rows are zero-filled after each gather, so they add zeros.
+    """
+
+    blocks: list[tuple[int, int, int, int]]
+    rows: int
+    slot_row: torch.Tensor
+    token: torch.Tensor
+    gate: torch.Tensor
+    padding: torch.Tensor
+    padding_spans: list[tuple[int, int]]
+
+    @classmethod
+    def build(cls, counts: list[int], token: torch.Tensor, gate: torch.Tensor, width: int) -> BlockLayout:
+        blocks = expert_blocks(counts, width)
+        shift, pad_shift, pad_len, spans = [], [], [], []  # per expert: padded row - slot; padding index shifts
+        slots = pads = 0
+        for first, end, capacity, row in blocks:
+            start = pads
+            for j, e in enumerate(range(first, end)):
+                shift.append(row + j * capacity - slots)
+                pad_shift.append(j * capacity + counts[e] - pads)
+                pad_len.append(capacity - counts[e])
+                slots, pads = slots + counts[e], pads + capacity - counts[e]
+            spans.append((start, pads))
+        device = token.device
+        slot_row = torch.arange(slots, device=device) + _repeat(shift, counts, slots, device)
+        padding = torch.arange(pads, device=device) + _repeat(pad_shift, pad_len, pads, device)
+        rows = slots + pads
+        return cls(blocks, rows, slot_row, token.new_zeros(rows).index_copy_(0, slot_row, token),
+                   gate.new_zeros(rows).index_copy_(0, slot_row, gate), padding, spans)
+
+
+def _repeat(values: list[int], repeats: list[int], total: int, device: torch.device) -> torch.Tensor:
+    """``values[i]`` repeated ``repeats[i]`` times, as a long tensor of length ``total`` on ``device``."""
+    return torch.repeat_interleave(torch.tensor(values, dtype=torch.long, device=device),
+                                   torch.tensor(repeats, dtype=torch.long, device=device), output_size=total)
 
 
 def expert_blocks(counts: list[int], width: int) -> list[tuple[int, int, int, int]]:
-    """Consecutive experts grouped into blocks ``(first expert, end expert, first row, end row)`` of about
-    ``BLOCK_ELEMENTS // width`` rows (at least one expert each), so that gathers, activations and the combine run
-    once per block on a cache-sized buffer instead of once per expert (fine-grained experts have small segments)."""
+    """Consecutive experts grouped into blocks ``(first expert, end expert, capacity, first padded row)``, capacity
+    being the block's largest segment: the partition with the fewest padded rows plus ``BLOCK_COST_ROWS`` per
+    block (dynamic programming over the cut points), blocks within ``BLOCK_ELEMENTS // width`` padded rows unless
+    a single expert needs more."""
     budget = max(1, BLOCK_ELEMENTS // width)
-    blocks, first, row, rows = [], 0, 0, 0
-    for e, n in enumerate(counts):
-        if rows and rows + n > budget:
-            blocks.append((first, e, row, row + rows))
-            first, row, rows = e, row + rows, 0
-        rows += n
-    if counts:
-        blocks.append((first, len(counts), row, row + rows))
+    best, cut = [0] + [math.inf] * len(counts), [0] * (len(counts) + 1)
+    for end in range(1, len(counts) + 1):
+        capacity = 0
+        for first in range(end - 1, -1, -1):
+            capacity = max(capacity, counts[first])
+            rows = capacity * (end - first)
+            if rows > budget and first < end - 1:
+                break
+            if best[first] + rows + BLOCK_COST_ROWS < best[end]:
+                best[end], cut[end] = best[first] + rows + BLOCK_COST_ROWS, first
+    spans, end = [], len(counts)
+    while end:
+        spans.append((cut[end], end))
+        end = cut[end]
+    blocks, row = [], 0
+    for first, end in reversed(spans):
+        capacity = max(counts[first:end])
+        blocks.append((first, end, capacity, row))
+        row += capacity * (end - first)
     return blocks
-
-
-def _segments(counts: list[int], first: int, end: int):
-    """(expert, rows of its segment relative to the block start) for the non-empty experts of a block."""
-    start = 0
-    for e in range(first, end):
-        if counts[e]:
-            yield e, slice(start, start + counts[e])
-        start += counts[e]
 
 
 class ExpertSegments(torch.autograd.Function):
@@ -173,76 +228,81 @@ class ExpertSegments(torch.autograd.Function):
     Expert e's slots are ``counts[e]`` consecutive entries of ``token``/``gate``. The gate multiplies the
     activations, so it reaches the output bias too: ``gate * (act(x w_in + b_in) w_out + b_out)``.
 
-    Work goes block by block (`expert_blocks`): one gather of the block's tokens, one matmul per expert and
-    projection into block buffers, one activation, one ``index_add_`` back. Saved for the backward: x, the
-    parameters and the pre-activations [S, b]; every other buffer is one block and is reused from block to block.
-    SwiGLU with silu has a hand-written activation gradient; other activations differentiate through autograd.
+    Work goes block by block (`BlockLayout`): one gather of the block's tokens, one batched matmul per
+    projection, one activation, one ``index_add_`` back. Saved for the backward: x, the parameters, the layout and
+    the padded pre-activations [R, b]; every other buffer is one block and is reused from block to block. SwiGLU
+    with silu has a hand-written activation gradient; other activations differentiate through autograd.
     """
 
     @staticmethod
     def forward(ctx, x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn):
-        y, pre = _segments_forward(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn, True)
-        ctx.save_for_backward(x, token, gate, w_in, b_in, w_out, b_out, pre)
-        ctx.counts, ctx.form, ctx.activation, ctx.act_fn = counts, form, activation, act_fn
+        layout = BlockLayout.build(counts, token, gate, _width(x, w_in, w_out))
+        y, pre = _segments_forward(x, layout, w_in, b_in, w_out, b_out, form, activation, act_fn, keep=True)
+        ctx.save_for_backward(x, w_in, b_in, w_out, b_out, pre, layout.slot_row, layout.token, layout.gate,
+                              layout.padding)
+        ctx.blocks, ctx.padding_spans = layout.blocks, layout.padding_spans
+        ctx.form, ctx.activation, ctx.act_fn = form, activation, act_fn
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, token, gate, w_in, b_in, w_out, b_out, pre = ctx.saved_tensors
-        counts, need = ctx.counts, ctx.needs_input_grad
+        x, w_in, b_in, w_out, b_out, pre, slot_row, token, gate, padding = ctx.saved_tensors
+        need = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         grad_x = torch.zeros_like(x) if need[0] else None
-        grad_gate = torch.empty_like(gate) if need[2] else None
+        grad_gate = torch.empty_like(gate) if need[2] else None  # per padded row
         grad_w_in = torch.empty_like(w_in) if need[4] else None
         grad_b_in = torch.empty_like(b_in) if need[5] else None
         grad_w_out = torch.empty_like(w_out) if need[6] else None
         grad_b_out = torch.empty_like(b_out) if need[7] else None
-        for e in (e for e, n in enumerate(counts) if not n):  # experts without tokens get zero gradients
-            for g in (grad_w_in, grad_w_out, grad_b_in, grad_b_out):
-                if g is not None:
-                    g[e].zero_()
-        blocks = expert_blocks(counts, max(x.shape[1], pre.shape[1], w_out.shape[2]))
-        largest = max((r1 - r0 for _, _, r0, r1 in blocks), default=0)
+        largest = max(((end - first) * c for first, end, c, _ in ctx.blocks), default=0)
         rows_in, rows_out = x.new_empty(largest, x.shape[1]), x.new_empty(largest, w_out.shape[2])
         grad_pre, grad_act = pre.new_empty(largest, pre.shape[1]), x.new_empty(largest, w_out.shape[1])
         hand_swiglu = is_silu_swiglu(ctx.form, ctx.activation)
-        for first, end, r0, r1 in blocks:
-            m, tok, g_b, h = r1 - r0, token[r0:r1], gate[r0:r1].unsqueeze(1), pre[r0:r1]
-            segments = list(_segments(counts, first, end))
-            dy = torch.index_select(grad_y, 0, tok, out=rows_out[:m])
+        for (first, end, capacity, r0), (p0, p1) in zip(ctx.blocks, ctx.padding_spans):
+            k, m, experts = end - first, (end - first) * capacity, slice(first, end)
+            if not m:  # experts without tokens (a block's capacity is its largest segment)
+                for g in (grad_w_in, grad_b_in, grad_w_out, grad_b_out):
+                    if g is not None:
+                        g[experts].zero_()
+                continue
+            r1 = r0 + m
+            tok, g_b, h = token[r0:r1], gate[r0:r1].unsqueeze(1), pre[r0:r1]
+            dy = torch.index_select(grad_y, 0, tok, out=rows_out[:m]).index_fill_(0, padding[p0:p1], 0)
             if hand_swiglu:
                 sig, silu_gate, act = swiglu_parts(h)
             else:
                 act = activate(h, ctx.form, ctx.act_fn)
-            gated = act * g_b if grad_w_out is not None else None
-            da = grad_act[:m]  # wrt the gated activations
-            for e, seg in segments:
-                if gated is not None:
-                    torch.mm(gated[seg].t(), dy[seg], out=grad_w_out[e])
-                if grad_b_out is not None:
-                    torch.mv(dy[seg].t(), gate[r0:r1][seg], out=grad_b_out[e])
-                torch.mm(dy[seg], w_out[e].t(), out=da[seg])
-            if grad_gate is not None:
+            dy3 = dy.view(k, capacity, -1)
+            if grad_w_out is not None:
+                torch.bmm((act * g_b).view(k, capacity, -1).transpose(1, 2), dy3, out=grad_w_out[experts])
+            if grad_b_out is not None:
+                torch.bmm(g_b.view(k, 1, capacity), dy3, out=grad_b_out[experts].unsqueeze(1))
+            da = torch.bmm(dy3, w_out[experts].transpose(1, 2), out=grad_act[:m].view(k, capacity, -1)).view(m, -1)
+            if grad_gate is not None:  # da is the gradient wrt the gated activations
                 torch.linalg.vecdot(da, act, out=grad_gate[r0:r1])
                 if b_out is not None:
-                    for e, seg in segments:
-                        grad_gate[r0:r1][seg] += dy[seg] @ b_out[e]
+                    grad_gate[r0:r1] += torch.bmm(dy3, b_out[experts].unsqueeze(2)).view(m)
             da.mul_(g_b)
             if hand_swiglu:
                 grad_h = swiglu_backward(h, sig, silu_gate, da, grad_pre[:m])
             else:
                 grad_h = _activation_backward(h, da, ctx.form, ctx.act_fn)
-            xb = torch.index_select(x, 0, tok, out=rows_in[:m]) if grad_w_in is not None else None
-            for e, seg in segments:
-                if grad_b_in is not None:
-                    torch.sum(grad_h[seg], 0, out=grad_b_in[e])
-                if xb is not None:
-                    torch.mm(xb[seg].t(), grad_h[seg], out=grad_w_in[e])
-                if grad_x is not None:  # overwrites the rows of xb this expert has used
-                    torch.mm(grad_h[seg], w_in[e].t(), out=rows_in[:m][seg])
+            grad_h3 = grad_h.view(k, capacity, -1)
+            if grad_b_in is not None:
+                torch.sum(grad_h3, 1, out=grad_b_in[experts])
+            if grad_w_in is not None:
+                xb = torch.index_select(x, 0, tok, out=rows_in[:m]).view(k, capacity, -1)
+                torch.bmm(xb.transpose(1, 2), grad_h3, out=grad_w_in[experts])
             if grad_x is not None:
-                grad_x.index_add_(0, tok, rows_in[:m])
+                dx = torch.bmm(grad_h3, w_in[experts].transpose(1, 2), out=rows_in[:m].view(k, capacity, -1))
+                grad_x.index_add_(0, tok, dx.view(m, -1))
+        grad_gate = grad_gate[slot_row] if grad_gate is not None else None
         return (grad_x, None, grad_gate, None, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None)
+
+
+def _width(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> int:
+    return max(x.shape[1], w_in.shape[2], w_out.shape[2])
 
 
 def expert_segments(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn) -> torch.Tensor:
@@ -251,33 +311,34 @@ def expert_segments(x, token, gate, counts, w_in, b_in, w_out, b_out, form, acti
     tensors = (x, gate, w_in, b_in, w_out, b_out)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return ExpertSegments.apply(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn)
-    return _segments_forward(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn, False)[0]
+    layout = BlockLayout.build(counts, token, gate, _width(x, w_in, w_out))
+    return _segments_forward(x, layout, w_in, b_in, w_out, b_out, form, activation, act_fn, keep=False)[0]
 
 
-def _segments_forward(x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn, keep: bool):
-    """The forward of `ExpertSegments` -> (y, pre-activations [S, b] if ``keep`` else None)."""
-    blocks = expert_blocks(counts, max(x.shape[1], w_in.shape[2], w_out.shape[2]))
-    largest = max((r1 - r0 for _, _, r0, r1 in blocks), default=0)
+def _segments_forward(x, layout: BlockLayout, w_in, b_in, w_out, b_out, form, activation, act_fn, keep: bool):
+    """The forward of `ExpertSegments` -> (y, padded pre-activations [R, b] if ``keep`` else None)."""
+    largest = max(((end - first) * c for first, end, c, _ in layout.blocks), default=0)
     y = x.new_zeros(x.shape[0], w_out.shape[2])
-    pre = x.new_empty(token.shape[0] if keep else largest, w_in.shape[2])
+    pre = x.new_empty(layout.rows if keep else largest, w_in.shape[2])
     rows_in, rows_out = x.new_empty(largest, x.shape[1]), x.new_empty(largest, w_out.shape[2])
     hand_swiglu = is_silu_swiglu(form, activation)
-    for first, end, r0, r1 in blocks:
-        m, tok, g_b = r1 - r0, token[r0:r1], gate[r0:r1].unsqueeze(1)
-        segments = list(_segments(counts, first, end))
-        xb = torch.index_select(x, 0, tok, out=rows_in[:m])
-        h = pre[r0:r1] if keep else pre[:m]
-        for e, seg in segments:
-            if b_in is None:
-                torch.mm(xb[seg], w_in[e], out=h[seg])
-            else:
-                torch.addmm(b_in[e], xb[seg], w_in[e], out=h[seg])
+    for (first, end, capacity, r0), (p0, p1) in zip(layout.blocks, layout.padding_spans):
+        k, m, experts = end - first, (end - first) * capacity, slice(first, end)
+        if not m:
+            continue
+        r1 = r0 + m
+        tok, g_b = layout.token[r0:r1], layout.gate[r0:r1].unsqueeze(1)
+        xb = torch.index_select(x, 0, tok, out=rows_in[:m]).index_fill_(0, layout.padding[p0:p1], 0)
+        h = (pre[r0:r1] if keep else pre[:m]).view(k, capacity, -1)
+        if b_in is None:
+            torch.bmm(xb.view(k, capacity, -1), w_in[experts], out=h)
+        else:
+            torch.baddbmm(b_in[experts].unsqueeze(1), xb.view(k, capacity, -1), w_in[experts], out=h)
+        h = h.view(m, -1)
         act = swiglu(h) if hand_swiglu else activate(h, form, act_fn)
         act.mul_(g_b)
-        out = rows_out[:m]
-        for e, seg in segments:
-            torch.mm(act[seg], w_out[e], out=out[seg])
-            if b_out is not None:
-                out[seg].addcmul_(g_b[seg], b_out[e])
-        y.index_add_(0, tok, out)
+        out = torch.bmm(act.view(k, capacity, -1), w_out[experts], out=rows_out[:m].view(k, capacity, -1))
+        if b_out is not None:
+            out.addcmul_(g_b.view(k, capacity, 1), b_out[experts].unsqueeze(1))
+        y.index_add_(0, tok, out.view(m, -1))
     return y, pre if keep else None
