@@ -267,3 +267,14 @@ def test_moe_llava_layout_converts_with_identical_logits(name, tmp_path, easy_vq
     with torch.no_grad():
         assert torch.equal(source(ids, pixels, mask).logits, model(ids, pixels, mask).logits)
     assert model.answer(images, ["what shape?"] * 2) == source.answer(images, ["what shape?"] * 2)
+
+
+def test_original_qwen_config_becomes_the_catalogue_qwen2_architecture():
+    """MoE-LLaVA-Qwen's config.json has Qwen-1's keys (remote code); read as Qwen2 it is the catalogue entry's LM."""
+    from zoo.released import _lm_config
+
+    qwen = {"model_type": "moe_llava_qwen", "architectures": ["MoELLaVAQWenForCausalLM"], "vocab_size": 151936,
+            "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "kv_channels": 128, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "seq_length": 8192,
+            "max_position_embeddings": 8192, "mm_image_tower": "openai/clip-vit-large-patch14-336"}
+    assert _lm_config(qwen) == zoo.get_config("moe-llava-qwen-1.8b-4e").lm.config

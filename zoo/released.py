@@ -44,6 +44,7 @@ VICUNA_PROMPT = ("A chat between a curious user and an artificial intelligence a
 # model_type in a released config.json -> the transformers model type of its LM
 LM_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "moe_llava_phi": "phi",
             "moe_llava_stablelm": "stablelm", "moe_llava_qwen": "qwen2", "llava_phi": "phi"}
+LEGACY_LM_KEYS = ("rope_theta", "rope_scaling")
 TOWER_PREFIXES = {"llava": ("model.vision_tower.vision_tower.",),
                   "moe-llava": ("model.image_tower.image_tower.", "transformer.image_tower.image_tower."),
                   "cumo": ("model.vision_tower.vision_model.",)}
@@ -142,7 +143,9 @@ def _lm_config(config: dict) -> dict:
                   "num_key_value_heads": config["num_attention_heads"], "rms_norm_eps": config["layer_norm_epsilon"],
                   "rope_theta": config.get("rotary_emb_base", 10000), "tie_word_embeddings": False,
                   "max_position_embeddings": config.get("max_position_embeddings", config.get("seq_length", 2048))}
-    known = AutoConfig.for_model(model_type).to_dict()
+    # the config class's own keys, and the RoPE keys transformers 5 folds into rope_parameters (older releases
+    # write them at the top level; dropping them would silently reset e.g. Mistral-v0.2's theta of 1e6)
+    known = {*AutoConfig.for_model(model_type).to_dict(), *LEGACY_LM_KEYS}
     out = {k: v for k, v in config.items() if k in known and k not in ("architectures", "transformers_version",
                                                                        "_name_or_path", "torch_dtype", "dtype")}
     return {**out, "model_type": model_type}
