@@ -93,24 +93,19 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(h[:, :f]).mul_(h[:, f:])
 
 
-def swiglu_parts(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sigmoid(gate), silu(gate), silu(gate) * up)`` of ``h = [gate | up]``: what the backward needs, with a
-    single transcendental pass."""
+def swiglu_parts(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(silu(gate), silu(gate) * up)`` of ``h = [gate | up]``: what the backward needs."""
     f = h.shape[1] // 2
-    gate, up = h[:, :f], h[:, f:]
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    return sig, silu, silu * up
+    silu = F.silu(h[:, :f])
+    return silu, silu * h[:, f:]
 
 
-def swiglu_backward(h: torch.Tensor, sig: torch.Tensor, silu: torch.Tensor, grad: torch.Tensor,
-                    out: torch.Tensor) -> torch.Tensor:
+def swiglu_backward(h: torch.Tensor, silu: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Gradient wrt ``h = [gate | up]`` of ``swiglu(h)`` given its output gradient ``grad`` [n, f], written into
-    ``out`` [n, 2f]; ``sig``, ``silu`` from `swiglu_parts` (``sig`` is overwritten)."""
+    ``out`` [n, 2f]; ``silu`` from `swiglu_parts`. Three elementwise passes (each one a parallel region)."""
     f = h.shape[1] // 2
     torch.mul(grad, silu, out=out[:, f:])
-    sig.addcmul_(silu, 1 - sig)  # d silu(g) / dg = sigmoid(g) + silu(g) (1 - sigmoid(g))
-    torch.mul(grad, h[:, f:], out=out[:, :f]).mul_(sig)
+    torch.ops.aten.silu_backward.grad_input(grad * h[:, f:], h[:, :f], grad_input=out[:, :f])
     return out
 
 
@@ -135,9 +130,9 @@ class WeightedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         h, weight = ctx.saved_tensors
-        sig, silu, act = swiglu_parts(h)
+        silu, act = swiglu_parts(h)
         grad_w = torch.linalg.vecdot(grad, act) if ctx.needs_input_grad[1] else None
-        return swiglu_backward(h, sig, silu, grad * weight.unsqueeze(1), torch.empty_like(h)), grad_w
+        return swiglu_backward(h, silu, grad * weight.unsqueeze(1), torch.empty_like(h)), grad_w
 
 
 # Blocks of consecutive experts padded to a common length run as one batched matmul per projection: one parallel
@@ -154,7 +149,8 @@ class BlockLayout:
 
     ``slot_row`` [S]: the padded row of each slot; ``token``, ``gate`` [R]: per padded row (0 on padding);
     ``padding`` [R - S]: the padding rows, counted from their block's first row, block after block
-    (``padding_spans[b]`` delimits block b's). Padding rows are zero-filled after each gather, so they add zeros.
+    (``padding_spans[b]`` delimits block b's). The forward zero-fills them after its gather and their gates are
+    zero, so they add exact zeros to outputs and gradients.
     """
 
     blocks: list[tuple[int, int, int, int]]
@@ -238,15 +234,13 @@ class ExpertSegments(torch.autograd.Function):
     def forward(ctx, x, token, gate, counts, w_in, b_in, w_out, b_out, form, activation, act_fn):
         layout = BlockLayout.build(counts, token, gate, _width(x, w_in, w_out))
         y, pre = _segments_forward(x, layout, w_in, b_in, w_out, b_out, form, activation, act_fn, keep=True)
-        ctx.save_for_backward(x, w_in, b_in, w_out, b_out, pre, layout.slot_row, layout.token, layout.gate,
-                              layout.padding)
-        ctx.blocks, ctx.padding_spans = layout.blocks, layout.padding_spans
-        ctx.form, ctx.activation, ctx.act_fn = form, activation, act_fn
+        ctx.save_for_backward(x, w_in, b_in, w_out, b_out, pre, layout.slot_row, layout.token, layout.gate)
+        ctx.blocks, ctx.form, ctx.activation, ctx.act_fn = layout.blocks, form, activation, act_fn
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w_in, b_in, w_out, b_out, pre, slot_row, token, gate, padding = ctx.saved_tensors
+        x, w_in, b_in, w_out, b_out, pre, slot_row, token, gate = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         grad_x = torch.zeros_like(x) if need[0] else None
@@ -259,7 +253,7 @@ class ExpertSegments(torch.autograd.Function):
         rows_in, rows_out = x.new_empty(largest, x.shape[1]), x.new_empty(largest, w_out.shape[2])
         grad_pre, grad_act = pre.new_empty(largest, pre.shape[1]), x.new_empty(largest, w_out.shape[1])
         hand_swiglu = is_silu_swiglu(ctx.form, ctx.activation)
-        for (first, end, capacity, r0), (p0, p1) in zip(ctx.blocks, ctx.padding_spans):
+        for first, end, capacity, r0 in ctx.blocks:
             k, m, experts = end - first, (end - first) * capacity, slice(first, end)
             if not m:  # experts without tokens (a block's capacity is its largest segment)
                 for g in (grad_w_in, grad_b_in, grad_w_out, grad_b_out):
@@ -268,9 +262,10 @@ class ExpertSegments(torch.autograd.Function):
                 continue
             r1 = r0 + m
             tok, g_b, h = token[r0:r1], gate[r0:r1].unsqueeze(1), pre[r0:r1]
-            dy = torch.index_select(grad_y, 0, tok, out=rows_out[:m]).index_fill_(0, padding[p0:p1], 0)
+            # padding rows read token 0's gradient; their zero gates zero everything it reaches
+            dy = torch.index_select(grad_y, 0, tok, out=rows_out[:m])
             if hand_swiglu:
-                sig, silu_gate, act = swiglu_parts(h)
+                silu_gate, act = swiglu_parts(h)
             else:
                 act = activate(h, ctx.form, ctx.act_fn)
             dy3 = dy.view(k, capacity, -1)
@@ -285,7 +280,7 @@ class ExpertSegments(torch.autograd.Function):
                     grad_gate[r0:r1] += torch.bmm(dy3, b_out[experts].unsqueeze(2)).view(m)
             da.mul_(g_b)
             if hand_swiglu:
-                grad_h = swiglu_backward(h, sig, silu_gate, da, grad_pre[:m])
+                grad_h = swiglu_backward(h, silu_gate, da, grad_pre[:m])
             else:
                 grad_h = _activation_backward(h, da, ctx.form, ctx.act_fn)
             grad_h3 = grad_h.view(k, capacity, -1)
