@@ -173,7 +173,7 @@ def _accuracy_rows(text: str) -> dict[str, float]:
 
 
 def test_zoo_eval_reproduces_the_accuracy_the_demo_printed(tmp_path, capsys):
-    assert main(["demo", "--steps", "30", "--dense", "--limit", "120", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--steps", "12", "--dense", "--limit", "120", "--out", str(tmp_path / "demo")]) == 0
     demo_rows = _accuracy_rows(capsys.readouterr().out)
     demo = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert main(["eval", str(tmp_path / "demo" / "model"), "--benchmark", "easy-vqa", "--limit", "120", "--out",
@@ -188,12 +188,14 @@ def test_zoo_eval_reproduces_the_accuracy_the_demo_printed(tmp_path, capsys):
 
 def test_eval_callback_scores_the_model_while_it_trains(trained_model, easy_vqa):
     from zoo.eval import EvalCallback
-    from zoo.train import TrainConfig, VQATrainingSet, fit
+    from zoo.train import TrainConfig, VQASplit, VQATrainingSet, fit
 
     model = copy.deepcopy(trained_model["model"])  # the session's model stays as it is
+    train = easy_vqa["train"]
+    few = VQASplit(train.images[:40], [s for s in train.samples if s.image < 40])  # 4 steps need few images
     callback = EvalCallback("easy-vqa", every_n_steps=2, limit=24, batch_size=12)
-    module = fit(model, VQATrainingSet(model, easy_vqa["train"]), TrainConfig(steps=4, batch_size=8, lr=1e-3),
-                 progress=False, callbacks=[callback])
+    module = fit(model, VQATrainingSet(model, few), TrainConfig(steps=4, batch_size=8, lr=1e-3), progress=False,
+                 callbacks=[callback])
     assert [h["step"] for h in callback.history] == [2, 4]
     final = evaluate_benchmark(model, EasyVQA(), limit=24, batch_size=5)
     assert callback.history[-1]["accuracy"] == final.scores["accuracy"]  # the step-4 evaluation is of these weights
