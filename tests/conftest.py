@@ -19,6 +19,16 @@ def tiny_config(**overrides) -> zoo.ModelConfig:
     return config
 
 
+@torch.no_grad()
+def randomise(module: torch.nn.Module, contains: str, std: float, seed: int) -> None:
+    """Give every parameter whose name contains ``contains`` seeded N(0, std^2) values (routers that pick unevenly,
+    LoRA B factors that are no longer zero), so a test sees the effect of weights that start neutral."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if contains in name:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 @pytest.fixture(scope="session")
 def easy_vqa():
     from zoo.train import load_easy_vqa

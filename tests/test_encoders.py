@@ -6,8 +6,8 @@ test_model.py.
 """
 
 import io
-import warnings
 import json
+import warnings
 
 import open_clip
 import pytest

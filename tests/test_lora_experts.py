@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import randomise
 from torch import nn
 
 from zoo.config import ConfigError, LoRAExpertConfig, from_dict
@@ -49,13 +50,9 @@ def _with_lora(lm, **cfg):
     return model.eval(), layers
 
 
-@torch.no_grad()
 def _randomize_b(model, std=0.2, seed=2):
     """Give every LoRA B factor (zero at init) random values so the adapters change the output."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    randomise(model, "lora_B", std, seed)
 
 
 def _layer(mode, d_in=16, d_out=12, seed=0, **cfg) -> LoRAExpertLinear:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import randomise, tiny_config
 from test_fusion import CLIP, CONVNEXT, DINO, _experts, _images
 
 import zoo
@@ -29,12 +29,8 @@ def _policy(**fields):
     return from_dict(SparsityConfig, {**CUMO, **fields}, path="vision.sparsity")
 
 
-@torch.no_grad()
 def _randomise_routers(module, std=2.0, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if "router" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    randomise(module, "router", std, seed)
 
 
 @pytest.mark.parametrize("spec", [CLIP, DINO, OPEN_CLIP], ids=["hf-clip", "timm-dinov2", "open_clip"])

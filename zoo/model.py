@@ -17,10 +17,16 @@ from zoo.config import LoRAExpertConfig, ModelConfig, SparsityConfig, from_dict
 from zoo.connectors import build_connector
 from zoo.encoders import FusedVision, build_vision, map_pixels, num_images
 from zoo.lm import build_lm, lm_config_dict
-from zoo.lm.lora import apply_lora, gather_lora_aux_losses, gather_lora_routing_stats, lora_context, lora_modules
+from zoo.lm.lora import (
+    apply_lora,
+    gather_lora_aux_losses,
+    gather_lora_routing_stats,
+    lora_context,
+    lora_modules,
+    update_lora_biases,
+)
 from zoo.lm.lora import merge_lora as merge_lora_layers
 from zoo.lm.lora import unmerge_lora as unmerge_lora_layers
-from zoo.lm.lora import update_lora_biases
 from zoo.lm.sparse import gather_aux_losses, gather_routing_stats, modality_mask, sparse_context, sparsify
 from zoo.moe.layer import RoutingStats, update_router_biases
 from zoo.tokenizer import build_tokenizer
