@@ -21,7 +21,7 @@ from zoo.train.checkpoint import latest_checkpoint, load_tree, save_tree
 RECIPE = Path(__file__).parent.parent / "configs" / "recipes" / "moe-llava-tiny.yaml"
 # three stages (align, instruct, then upcycle + MoE-tune) cut to a few steps of small batches
 OVERRIDES = ["data.easy-vqa.limit=400", "stages.0.train.steps=3", "stages.1.train.steps=3",
-             "stages.2.train.steps=14", "stages.2.train.checkpoint_every=2"]
+             "stages.2.train.steps=14", "stages.2.train.checkpoint_every=2", "stages.2.train.log_every=1"]
 for stage in range(3):
     OVERRIDES.append(f"stages.{stage}.train.batch_size=8")
 
@@ -64,6 +64,9 @@ def test_sigkill_mid_stage_then_resume_gives_bitwise_the_uninterrupted_weights(t
     stats = [json.loads((d / "run.json").read_text())["stages"]["moe"] for d in (killed_dir, tmp_path / "reference")]
     assert stats[0]["loss_last_fifth"] == stats[1]["loss_last_fifth"]  # the loss history survived the kill too
     assert not checkpoints.exists()  # a finished stage drops its checkpoints
+    # the steps logged between the last checkpoint and the kill are logged again after resuming, once
+    metrics = [(d / "02-moe" / "metrics.csv").read_text() for d in (killed_dir, tmp_path / "reference")]
+    assert metrics[0] == metrics[1] and metrics[0].count("\n") == 15  # header + 14 steps
 
 
 def test_checkpoint_tree_round_trips_exactly_without_pickle(tmp_path):

@@ -3,6 +3,7 @@ gradient accumulation and checkpointing, periodic checkpoints and exact resume (
 
 from __future__ import annotations
 
+import csv
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -115,6 +116,42 @@ class ZooLightningModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class _MetricsLogger(L.pytorch.loggers.CSVLogger):
+    """``run_dir/metrics.csv``, a row per logged step, written as it is logged (Lightning's default buffers 100 steps,
+    which a crash would lose); ``resumed``: continue the rows already there instead of starting afresh."""
+
+    def __init__(self, run_dir: str, resumed: bool):
+        super().__init__(run_dir, name="", version="", flush_logs_every_n_steps=1)
+        self.resumed = resumed
+
+    @property
+    def experiment(self):
+        if self._experiment is not None or not self.resumed:
+            return super().experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        kept = path.read_bytes() if path.is_file() else None
+        writer = super().experiment  # Lightning's writer removes an existing metrics.csv
+        if kept is not None:
+            path.write_bytes(kept)
+            writer.metrics_keys = next(csv.reader(kept.decode().splitlines()), [])
+        return writer
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep only the rows of ``metrics.csv`` logged before optimizer step ``step`` (a resumed run logs the steps
+    after its checkpoint again; without this they would appear twice)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [r for r in reader if not r.get("step") or int(float(r["step"])) < step]
+    if fields:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | None = None,
         progress: bool = True, resume: bool = False, callbacks: list[L.Callback] | None = None
         ) -> ZooLightningModule:
@@ -148,12 +185,14 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
     if resume_from is not None and not hasattr(dataset, "load_state_dict"):
         raise ValueError(f"resume: {type(dataset).__name__} cannot restore its position; exact resume needs a "
                          "resumable dataset such as ConversationStream")
+    if resume_from is not None:
+        _drop_metrics_after(Path(run_dir) / "metrics.csv", int(resume_from.name.split("-")[1]))
     if hasattr(dataset, "report_position"):
         dataset.report_position = True  # its batches say where the data continues; checkpoints record it
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     module = ZooLightningModule(model, config)
-    logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="") if run_dir else False
+    logger = _MetricsLogger(str(run_dir), resumed=resume_from is not None) if run_dir else False
     extra = [ResumeState(dataset)]
     if config.checkpoint_every:
         if checkpoints is None:
@@ -172,5 +211,6 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
     with warnings.catch_warnings():
         # frozen vision experts stay in eval mode on purpose (VisionExpert.train); Lightning warns about it
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
         trainer.fit(module, loader, ckpt_path=str(resume_from) if resume_from is not None else None)
     return module
