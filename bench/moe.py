@@ -4,6 +4,7 @@ Run from the repository root::
 
     .venv/bin/python bench/moe.py                      # both shapes, 5 timed repeats, torch's default threads
     .venv/bin/python bench/moe.py --shape fine --repeats 10 --threads 2
+    .venv/bin/python bench/moe.py --shape fine --threads 2 --profile "zoo grouped,hf grouped_mm"   # where time goes
 
 Setup: T = 4096 tokens (x of shape [1, T, d]), d = 512, fp32, two shapes: ``small`` (E=8, k=2, f=1024) and
 ``fine`` (fine-grained, E=64, k=6, f=256). Every candidate gets the same x (requires_grad) and the same upstream
@@ -227,6 +228,37 @@ def run_shape(shape: str, device: torch.device, repeats: int, seed: int, only: l
         print(f"{cand.name:<20} {ms:10.1f}  {hf_col:<21} {dense_col:<21} {peak:8.1f} {saved:9.1f}")
 
 
+MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm", "aten::matmul_out"}
+
+
+def profile_shape(shape: str, device: torch.device, seed: int, names: list[str], repeats: int) -> None:
+    """Where one forward + backward spends its time: per candidate, self CPU time by operator over ``repeats``
+    profiled steps (after the warmup), and the share taken by matrix products."""
+    cands, _ = build(shape, device, seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(1, TOKENS, HIDDEN, generator=gen).to(device).requires_grad_(True)
+    g = torch.randn(1, TOKENS, HIDDEN, generator=gen).to(device)
+    for cand in cands:
+        if cand.name not in names and cand.moe:
+            continue
+        for _ in range(WARMUP):
+            cand.reset(x)
+            cand.step(x, g)
+        with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                cand.reset(x)
+                cand.step(x, g)
+        averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in averages)
+        matmul = sum(e.self_cpu_time_total for e in averages if e.key in MATMULS)
+        print(f"\n-- {shape} / {cand.name}: {total / 1e3 / repeats:.1f} ms self CPU per step, matrix products "
+              f"{100 * matmul / total:.0f}%")
+        print(f"{'operator':<36} {'ms/step':>8} {'share':>6} {'calls/step':>10}")
+        for e in averages[:12]:
+            print(f"{e.key:<36} {e.self_cpu_time_total / 1e3 / repeats:8.1f} {100 * e.self_cpu_time_total / total:5.1f}% "
+                  f"{e.count / repeats:10.0f}")
+
+
 def main() -> None:
     """Parse the arguments and run the requested shapes."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -237,6 +269,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=None,
                         help="comma-separated candidates to time besides the references, e.g. 'zoo grouped'")
+    parser.add_argument("--profile", default=None, metavar="NAMES",
+                        help="instead of timing: self CPU time by operator of these candidates (comma-separated, "
+                             "e.g. 'zoo grouped,hf grouped_mm') and the dense FFN, over --repeats steps")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,6 +279,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}, fp32, repeats {args.repeats} (median, after {WARMUP} warmup)")
     for shape in SHAPES if args.shape == "all" else [args.shape]:
+        if args.profile:
+            profile_shape(shape, device, args.seed, args.profile.split(","), args.repeats)
+            continue
         run_shape(shape, device, args.repeats, args.seed, args.only.split(",") if args.only else None)
     assert kernels.GROUPED_MM == "auto", "GROUPED_MM was not restored"
 
