@@ -146,3 +146,24 @@ def test_gradient_accumulation_steps_every_n_batches(easy_vqa):
     assert len(module.losses) == 12  # 6 optimizer steps x 2 accumulated batches
     assert module.trainer.global_step == 6
     assert float(module.losses[-1]) < float(module.losses[0])
+
+
+def test_bf16_mixed_precision_runs_the_lm_in_bf16_and_keeps_fp32_weights(easy_vqa):
+    """`precision: bf16-mixed` (Lightning's autocast, CPU and CUDA alike): the LM's matmuls run in bf16, the
+    weights and their optimizer state stay fp32, and the loss still falls."""
+    from zoo.train import VQATrainingSet, fit
+
+    split = type(easy_vqa["train"])(easy_vqa["train"].images, easy_vqa["train"].samples[:256])
+    torch.manual_seed(0)
+    model = zoo.build(tiny_config())
+    dataset = VQATrainingSet(model, split)
+    seen = []
+    hook = model.lm.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    config = TrainConfig(steps=6, batch_size=16, lr=3e-3, precision="bf16-mixed")
+    module = fit(model, dataset, config, progress=False)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # autocast reached the LM head in every step
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    state = module.trainer.optimizers[0].state
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+    assert float(module.losses[-1]) < float(module.losses[0])
