@@ -147,6 +147,14 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return max(done, key=lambda p: p.name) if done else None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a ``step-NNNNNNNN`` checkpoint directory was saved after."""
+    match = _STEP_DIR.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a step-NNNNNNNN checkpoint directory")
+    return int(match.group(1))
+
+
 class PeriodicCheckpoint(L.Callback):
     """Saves ``directory/step-NNNNNNNN`` every ``every`` optimizer steps (after the step, so the checkpoint holds the
     weights, optimizer and scheduler of that step) and removes all but the newest ``keep``."""

@@ -118,38 +118,32 @@ class ZooLightningModule(L.LightningModule):
 
 class _MetricsLogger(L.pytorch.loggers.CSVLogger):
     """``run_dir/metrics.csv``, a row per logged step, written as it is logged (Lightning's default buffers 100 steps,
-    which a crash would lose); ``resumed``: continue the rows already there instead of starting afresh."""
+    which a crash would lose). ``resume_step``: a run resumed from the checkpoint of that optimizer step keeps the
+    rows logged before it (Lightning's writer would delete the file) and drops the later ones, which it logs again."""
 
-    def __init__(self, run_dir: str, resumed: bool):
+    def __init__(self, run_dir: str, resume_step: int | None):
         super().__init__(run_dir, name="", version="", flush_logs_every_n_steps=1)
-        self.resumed = resumed
+        self.resume_step = resume_step
 
     @property
     def experiment(self):
-        if self._experiment is not None or not self.resumed:
+        if self._experiment is not None or self.resume_step is None:
             return super().experiment
         path = Path(self.log_dir) / "metrics.csv"
-        kept = path.read_bytes() if path.is_file() else None
-        writer = super().experiment  # Lightning's writer removes an existing metrics.csv
-        if kept is not None:
-            path.write_bytes(kept)
-            writer.metrics_keys = next(csv.reader(kept.decode().splitlines()), [])
+        fields, rows = [], []
+        if path.is_file():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                rows = [r for r in reader if not r.get("step") or int(float(r["step"])) < self.resume_step]
+                fields = list(reader.fieldnames or [])
+        writer = super().experiment  # removes an existing metrics.csv
+        if fields:
+            with path.open("w", newline="") as f:
+                out = csv.DictWriter(f, fields)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = fields
         return writer
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Keep only the rows of ``metrics.csv`` logged before optimizer step ``step`` (a resumed run logs the steps
-    after its checkpoint again; without this they would appear twice)."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, [r for r in reader if not r.get("step") or int(float(r["step"])) < step]
-    if fields:
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fields)
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | None = None,
@@ -162,7 +156,7 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
     resumable dataset (`ConversationStream`) the result is bitwise the one of an uninterrupted run on CPU.
     ``callbacks``: more Lightning callbacks (e.g. `zoo.train.routing.RoutingMonitor`).
     """
-    from .checkpoint import PeriodicCheckpoint, ResumeState, SafetensorsCheckpointIO, latest_checkpoint
+    from .checkpoint import PeriodicCheckpoint, ResumeState, SafetensorsCheckpointIO, checkpoint_step, latest_checkpoint
     from .strategy import build_strategy, enable_gradient_checkpointing
 
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -185,14 +179,13 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
     if resume_from is not None and not hasattr(dataset, "load_state_dict"):
         raise ValueError(f"resume: {type(dataset).__name__} cannot restore its position; exact resume needs a "
                          "resumable dataset such as ConversationStream")
-    if resume_from is not None:
-        _drop_metrics_after(Path(run_dir) / "metrics.csv", int(resume_from.name.split("-")[1]))
     if hasattr(dataset, "report_position"):
         dataset.report_position = True  # its batches say where the data continues; checkpoints record it
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     module = ZooLightningModule(model, config)
-    logger = _MetricsLogger(str(run_dir), resumed=resume_from is not None) if run_dir else False
+    resume_step = checkpoint_step(resume_from) if resume_from is not None else None
+    logger = _MetricsLogger(str(run_dir), resume_step) if run_dir else False
     extra = [ResumeState(dataset)]
     if config.checkpoint_every:
         if checkpoints is None:
