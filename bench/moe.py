@@ -105,6 +105,13 @@ def build(shape: str, device: torch.device, seed: int) -> tuple[list[Candidate],
     return out, base
 
 
+def inputs(device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens x [1, T, d] (requiring grad) and the upstream gradient g every candidate gets."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(1, TOKENS, HIDDEN, generator=gen).to(device).requires_grad_(True)
+    return x, torch.randn(1, TOKENS, HIDDEN, generator=gen).to(device)
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued kernels (CUDA) so that wall-clock times cover the work."""
     if device.type == "cuda":
@@ -210,9 +217,7 @@ def run_shape(shape: str, device: torch.device, repeats: int, seed: int, only: l
     cands, base = build(shape, device, seed)
     if only:
         cands = [c for c in cands if c.name in only or c.name == "hf grouped_mm" or not c.moe]
-    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    x = torch.randn(1, TOKENS, HIDDEN, generator=gen).to(device).requires_grad_(True)
-    g = torch.randn(1, TOKENS, HIDDEN, generator=gen).to(device)
+    x, g = inputs(device, seed)
     check(cands, base, x, g)
     rows = list(zip(cands, time_ms(cands, x, g, repeats), [peak_mb(c, x, g) for c in cands],
                     [saved_mb(c, x) for c in cands]))
@@ -235,9 +240,7 @@ def profile_shape(shape: str, device: torch.device, seed: int, names: list[str],
     """Where one forward + backward spends its time: per candidate, self CPU time by operator over ``repeats``
     profiled steps (after the warmup), and the share taken by matrix products."""
     cands, _ = build(shape, device, seed)
-    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    x = torch.randn(1, TOKENS, HIDDEN, generator=gen).to(device).requires_grad_(True)
-    g = torch.randn(1, TOKENS, HIDDEN, generator=gen).to(device)
+    x, g = inputs(device, seed)
     for cand in cands:
         if cand.name not in names and cand.moe:
             continue
