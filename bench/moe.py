@@ -258,8 +258,8 @@ def profile_shape(shape: str, device: torch.device, seed: int, names: list[str],
               f"{100 * matmul / total:.0f}%")
         print(f"{'operator':<36} {'ms/step':>8} {'share':>6} {'calls/step':>10}")
         for e in averages[:12]:
-            print(f"{e.key:<36} {e.self_cpu_time_total / 1e3 / repeats:8.1f} {100 * e.self_cpu_time_total / total:5.1f}% "
-                  f"{e.count / repeats:10.0f}")
+            ms, share = e.self_cpu_time_total / 1e3 / repeats, 100 * e.self_cpu_time_total / total
+            print(f"{e.key:<36} {ms:8.1f} {share:5.1f}% {e.count / repeats:10.0f}")
 
 
 def main() -> None:
