@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import zoo
@@ -32,5 +34,7 @@ def test_card_prints_one_and_writes_all(capsys, tmp_path):
     assert main(["card", "--all", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "README.md").read_text() == render_index()
     assert (tmp_path / "moiie-phi3.md").read_text() == render_card("moiie-phi3")
-    with pytest.raises(zoo.UnknownPartError, match=r"unknown model 'nope' Registered models: .*moiie-phi3"):
-        main(["card", "nope"])
+    capsys.readouterr()
+    assert main(["card", "nope"]) == 2  # a user error: one line on stderr
+    assert re.fullmatch(r"zoo card: error: unknown model 'nope' Registered models: .*moiie-phi3.*\n",
+                        capsys.readouterr().err)

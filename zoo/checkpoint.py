@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from zoo.config import ConfigError, ModelConfig
+from zoo.errors import UserError
 
 if TYPE_CHECKING:
     from zoo.model import ZooModel
@@ -23,7 +24,7 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or does not match its config; names the file/tensor."""
 
 

@@ -1,11 +1,52 @@
 """The ``zoo`` command: ``list``, ``card``, ``build``, ``params``, ``train``, ``convert``, ``chat``, ``analyze``,
-``demo``, ``eval``."""
+``demo``, ``eval``.
+
+A mistake in what the user gave (a config or recipe value, an unknown name, an unreadable checkpoint, missing data,
+bad benchmark files, a bad argument) prints one line, ``zoo <command>: error: <the sentence>``, and exits 2;
+``--debug`` (or ``ZOO_DEBUG=1``) shows the traceback instead. Any other exception is a bug and keeps its traceback.
+`main` does this around whichever subcommand runs, so a subcommand added to the parser gets it too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+
+from zoo.errors import UsageError, user_error_message
+
+USER_ERROR = 2  # the exit status of a user error, as argparse uses for bad arguments
+
+
+class ZooArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose every (sub)command takes ``--debug`` and whose errors are one line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand's parser leaves --debug given before the subcommand as it was
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the traceback of an error (also ZOO_DEBUG=1)")
+
+    def error(self, message: str):
+        """One line (``zoo <command>: error: ...``) and exit status 2, the usage behind ``--help``."""
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -25,7 +66,7 @@ def _cmd_card(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         return 0
     if not args.model:
-        raise SystemExit("zoo card: give a catalogue name, or --all --out DIR")
+        raise UsageError("give a catalogue name, or --all --out DIR")
     print(render_card(args.model), end="")
     return 0
 
@@ -70,16 +111,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from zoo.released import convert_checkpoint
 
         if args.source is None:
-            raise SystemExit("zoo convert: give the source checkpoint directory and the destination: zoo convert SRC DST")
+            raise UsageError("give the source checkpoint directory and the destination: zoo convert SRC DST")
         print(f"wrote {convert_checkpoint(args.what, args.source, vision_tower=args.vision_tower)}")
         return 0
     from zoo.train.conversations import read_llava_json, write_webdataset
     from zoo.train.data import SkipCounter
 
     if args.source is None or args.out is None:
-        raise SystemExit("zoo convert llava-to-wds: give the LLaVA JSON file and --out SHARD_PATTERN")
+        raise UsageError("llava-to-wds: give the LLaVA JSON file and --out SHARD_PATTERN")
     skipped = SkipCounter()
-    samples = read_llava_json(args.source, image_root=args.image_root, skipped=skipped)
+    samples = read_llava_json(args.source, image_root=args.image_root, skipped=skipped,
+                              allow_outside_root=args.allow_outside_image_root)
     n = write_webdataset(samples, args.out, maxcount=args.maxcount, skipped=skipped)
     print(f"wrote {n} samples to {args.out} ({skipped.total} skipped"
           + "".join(f"; {reason}: {len(ids)}" for reason, ids in skipped.by_reason.items()) + ")")
@@ -131,13 +173,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     evaluate_command(args.model, args.benchmark, data=args.data, out_dir=args.out, batch_size=args.batch_size,
                      limit=args.limit, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                     device=args.device)
+                     device=args.device, allow_outside_root=args.allow_outside_image_root)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``zoo`` command line."""
-    parser = argparse.ArgumentParser(prog="zoo", description="Assemble, train and evaluate vision-language models.")
+def build_parser() -> ZooArgumentParser:
+    """The ``zoo`` parser with every subcommand (each runs ``args.func(args)``)."""
+    parser = ZooArgumentParser(prog="zoo", description="Assemble, train and evaluate vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="the catalogue: parts and total/active parameters (counted on the meta device, "
                        "cached)")
@@ -172,15 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", nargs="?", help="the LLaVA JSON file (llava-to-wds), or the destination directory")
     p.add_argument("--vision-tower", default=None, help="checkpoints: the vision tower's transformers dir or hub id "
                    "when the checkpoint does not hold it (default: the name in its config.json)")
-    p.add_argument("--image-root", default=None, help="folder the records' image paths are relative to")
+    p.add_argument("--image-root", default=None, help="folder the records' image paths are relative to (default: "
+                   "the JSON file's folder)")
+    p.add_argument("--allow-outside-image-root", action="store_true",
+                   help="read image paths that leave the image root (.., absolute paths, symlinks out)")
     p.add_argument("--out", default=None, help="llava-to-wds: shard pattern, e.g. shards/train-%%05d.tar")
-    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    p.add_argument("--maxcount", type=positive_int, default=1000, help="samples per shard")
     p.set_defaults(func=_cmd_convert)
     p = sub.add_parser("chat", help="ask a model about an image: interactive, or one-shot with --question")
     p.add_argument("model", help="checkpoint directory, hub id or catalogue name with released weights")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--question", action="append", default=[], help="answer this and exit (repeat: one conversation)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
     p.set_defaults(func=_cmd_chat)
     p = sub.add_parser("analyze", help="analyses of a trained model: routing (per-layer expert load by modality "
@@ -189,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="checkpoint directory, hub id or catalogue name with released weights")
     p.add_argument("--benchmark", default="easy-vqa", help="NAME[,NAME...] of zoo.eval benchmarks (default easy-vqa)")
     p.add_argument("--data", default=None, help="folder with the benchmarks' released files (DIR/<benchmark>/)")
-    p.add_argument("--limit", type=int, default=256, help="questions per benchmark (0: all)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=non_negative_int, default=256, help="questions per benchmark (0: all)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--out", default=None, help="default: runs/analysis/<model name>")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -198,26 +243,42 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="train and evaluate the demo model on easy-vqa")
     p.add_argument("--model", default="tiny-llava")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None, help="dense-stage optimizer steps (default: the demo schedule)")
-    p.add_argument("--moe-steps", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None, help="dense-stage optimizer steps (default: the demo schedule)")
+    p.add_argument("--moe-steps", type=positive_int, default=None,
                    help="MoE-tuning steps after upcycling (default: the demo schedule, or --steps // 3)")
     p.add_argument("--dense", action="store_true", help="skip upcycling and MoE-tuning (a dense model)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test questions only")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N test questions only")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("eval", help="evaluate a model on benchmarks in their released formats (zoo.eval)")
     p.add_argument("model", help="checkpoint directory, hub id or catalogue name")
     p.add_argument("--benchmark", required=True, help="NAME[,NAME...] of registered benchmarks (an unknown name "
                    "lists them); launch with torchrun to shard the questions over processes")
     p.add_argument("--data", default=None, help="folder with the released files (DIR/<benchmark>/ or DIR itself)")
-    p.add_argument("--limit", type=int, default=None, help="the first N questions of each benchmark only")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: each benchmark's own")
+    p.add_argument("--limit", type=positive_int, default=None, help="the first N questions of each benchmark only")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: each benchmark's own")
     p.add_argument("--out", default=None, help="results and resumable predictions (default: runs/eval/<model>)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
+    p.add_argument("--allow-outside-image-root", action="store_true",
+                   help="read images the benchmark files name outside their folder (.., absolute paths, symlinks)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``zoo`` command line: runs the subcommand; a user error (`zoo.errors.user_error_message`)
+    prints ``zoo <command>: error: <message>`` on one line and returns 2, unless ``--debug`` / ``ZOO_DEBUG=1``
+    re-raise it with its traceback. Other exceptions (bugs) propagate untouched."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None or getattr(args, "debug", False) or os.environ.get("ZOO_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"zoo {args.command}: error: {message}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from zoo.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or key is invalid; the message starts with the full path of the bad field."""
 
 

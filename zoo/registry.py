@@ -10,10 +10,12 @@ import difflib
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
+from zoo.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownPartError(KeyError):
+class UnknownPartError(UserError, KeyError):
     """Raised when a config names a part that is not registered; the message lists the registered names."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message

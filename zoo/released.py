@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from zoo.config import ConnectorConfig, LMConfig, ModelConfig, SparsityConfig, TokenizerConfig, VisionConfig, from_dict
+from zoo.errors import UserError
 from zoo.hf import config_to_dict
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ PROJECTOR_PREFIXES = {"llava": ("model.mm_projector.",),
                       "cumo": ("model.mm_projector.",)}
 
 
-class ReleasedCheckpointError(ValueError):
+class ReleasedCheckpointError(UserError, ValueError):
     """A released checkpoint is incomplete, inconsistent with its config, or uses a part the zoo cannot hold."""
 
 

@@ -1,0 +1,40 @@
+"""What the user got wrong, told apart from what zoo got wrong.
+
+`UserError` marks an exception whose message is a complete sentence about something the user gave: a config
+value, a file, a name, a data set, an argument. Every such class of the zoo derives from it (`ConfigError`,
+`UnknownPartError`, `CheckpointError`, `ReleasedCheckpointError`, `BenchmarkDataError`, `ImageError`,
+`DataFileError`, `UsageError`), so the ``zoo`` command prints it on one line (``zoo train: error: <the sentence>``)
+and exits 2, while any other exception, a bug, keeps its traceback. Python callers catch the specific class (or
+`UserError` for all of them).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base of the errors in what the user gave; the message names the field, file, sample or tensor."""
+
+
+class DataFileError(UserError, ValueError):
+    """A data file that cannot be read at all (not JSON, not a shard); bad records in a readable file are counted
+    skips instead."""
+
+
+class UsageError(UserError, ValueError):
+    """A command-line call that cannot be carried out as given (a missing argument, an impossible combination)."""
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of a user error, or None for an exception that is a bug.
+
+    User errors are `UserError` s and OS errors about a named file (a missing file or folder, no permission, a
+    directory where a file was expected): ``<file>: <what the system said>``. Line breaks in a message become
+    ``; `` so the message stays one line.
+    """
+    if isinstance(error, UserError):
+        message = str(error)
+    elif isinstance(error, OSError) and error.filename is not None:
+        message = f"{error.filename}: {error.strerror or error}"
+    else:
+        return None
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip()) or type(error).__name__
