@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from zoo import images
 from zoo.config import ConfigError, VisionConfig
 from zoo.registry import Registry
 
@@ -29,33 +30,12 @@ def hidden_state_to_block(feature_layer: int, depth: int, field: str = "vision.f
     return index - 1
 
 
-MIN_IMAGE_SIDE = 2  # a 0- or 1-pixel side has no spatial content: an empty file, a tracking pixel, a decode bug
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit (a 4 GiB RGB canvas / 16)
-
-
 def to_rgb(image: Image.Image, index: int = 0) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels are composited on white.
-
-    Raises ``TypeError`` for a non-image and ``ValueError`` for an image with a side under `MIN_IMAGE_SIDE` pixels,
-    more than `MAX_IMAGE_PIXELS` pixels (PIL's decompression-bomb limit: decoding it would take gigabytes) or data
-    that cannot be decoded (truncated or corrupt file); each message starts with ``image {index}:``.
-    """
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image {index}: expected a PIL.Image, got {type(image).__name__}")
-    if min(image.size) < MIN_IMAGE_SIDE:
-        raise ValueError(f"image {index}: {image.width}x{image.height} pixels is too small (each side must be at "
-                         f"least {MIN_IMAGE_SIDE})")
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image {index}: {image.width}x{image.height} pixels is too large (at most "
-                         f"{MAX_IMAGE_PIXELS:,} pixels); downscale it before use")
-    try:
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(canvas, rgba).convert("RGB")
-        return image.convert("RGB")
-    except Exception as e:  # PIL decodes lazily, here, and a bad file fails with OSError, SyntaxError, zlib.error, ...
-        raise ValueError(f"image {index}: cannot decode the image data ({type(e).__name__}: {e})") from e
+    """Any PIL mode -> RGB by `zoo.images.to_rgb`, errors starting with ``image {index}:``: ``TypeError`` for a
+    non-image, `zoo.images.ImageError` (a ``ValueError``) for an image with a side under ``MIN_IMAGE_SIDE`` pixels,
+    more than ``MAX_IMAGE_PIXELS`` pixels (PIL's decompression-bomb limit: decoding it would take gigabytes), 16/32-bit
+    or float pixels, or data that cannot be decoded (truncated or corrupt file)."""
+    return images.to_rgb(image, f"image {index}")
 
 
 class VisionExpert(nn.Module):

@@ -20,6 +20,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from zoo.errors import UserError
+from zoo.images import ImageError, check_under_root, open_image
 from zoo.registry import Registry
 
 from .parsing import option_letters
@@ -30,7 +32,7 @@ LETTER_ANSWER = "\nAnswer with the option's letter from the given choices direct
 BENCHMARKS: Registry = Registry("benchmark")
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(UserError, ValueError):
     """A benchmark file is missing, malformed, or inconsistent; the message names the file and the record."""
 
 
@@ -50,16 +52,13 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def load_image(self) -> Image.Image:
-        """The image as RGB (files and bytes are read now, so a benchmark holds no decoded pixels)."""
-        if isinstance(self.image, Image.Image):
-            return self.image.convert("RGB")
-        source = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
+        """The image as RGB (files and bytes are read now, so a benchmark holds no decoded pixels). One the models
+        cannot take (`zoo.images`: unreadable, empty, too small, a decompression bomb, 16-bit or float pixels) is a
+        `BenchmarkDataError` naming this question and the file."""
         try:
-            with Image.open(source) as image:
-                return image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as error:
-            where = "its encoded image" if isinstance(self.image, bytes) else self.image
-            raise BenchmarkDataError(f"sample {self.id}: cannot read {where}: {error}") from error
+            return open_image(self.image, "its encoded image" if isinstance(self.image, bytes) else None)
+        except ImageError as error:
+            raise BenchmarkDataError(f"sample {self.id}: {error}") from error
 
 
 class Benchmark:
@@ -75,6 +74,7 @@ class Benchmark:
     max_new_tokens = 128
     metrics: tuple[str, ...] = ("accuracy",)
     default_split = "test"
+    allow_outside_root = False  # True: images a record names outside `root` (.., absolute, symlinks out) are read
 
     @property
     def folder(self) -> str:
@@ -112,6 +112,18 @@ class Benchmark:
             held = sorted(p.name for p in path.parent.iterdir())[:20] if path.parent.is_dir() else "missing folder"
             raise BenchmarkDataError(f"{self.name}: {path} not found (the {self.name} release layout expects it; "
                                      f"{path.parent} holds: {held})")
+        return path
+
+    def image_file(self, path: Path, source: Path, where: str) -> Path:
+        """An image a record of ``source`` names; an error names the file and the record if it does not exist, or
+        if it lies outside ``root`` (``..``, an absolute path, a symlink out) and ``allow_outside_root`` is off."""
+        if not self.allow_outside_root and self.root is not None:
+            try:
+                check_under_root(path, self.root)
+            except ImageError as error:
+                raise BenchmarkDataError(f"{source}: {where}: {error}") from error
+        if not path.is_file():
+            raise BenchmarkDataError(f"{source}: {where}: image {path} not found")
         return path
 
     def _file_names(self) -> str:
@@ -185,13 +197,6 @@ def require(record: Any, fields: Sequence[str], path: Path, where: str) -> None:
     if missing:
         present = sorted(k for k, v in record.items() if v is not None)
         raise BenchmarkDataError(f"{path}: {where}: missing field(s) {missing} (has {present})")
-
-
-def image_file(path: Path, source: Path, where: str) -> Path:
-    """An image a record names; an error names the record's file and the record if it does not exist."""
-    if not path.is_file():
-        raise BenchmarkDataError(f"{source}: {where}: image {path} not found")
-    return path
 
 
 def decode_image(text: str, source: Path, where: str) -> bytes:

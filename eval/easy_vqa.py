@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .benchmark import BENCHMARKS, Benchmark, Sample
+from .benchmark import BENCHMARKS, Benchmark, BenchmarkDataError, Sample
 from .vqa import accuracy_table
 
 
@@ -23,6 +23,9 @@ class EasyVQA(Benchmark):
         from zoo.train.data import load_easy_vqa  # the one easy-vqa reader (zoo.train owns the training data)
 
         split = load_easy_vqa(self.split)
+        for reason, ids in split.skipped.by_reason.items():  # evaluation never leaves a question out silently
+            raise BenchmarkDataError(f"easy-vqa: question {ids[0]}: {reason} ({split.skipped.total} question(s) ask "
+                                     "about images that cannot be used)")
         return [Sample(s.id, s.question, split.images[s.image], s.answer) for s in split.samples]
 
     def score(self, samples: Sequence[Sample], outputs: Sequence[str]) -> dict[str, float]:

@@ -247,10 +247,12 @@ def evaluate_benchmark(model, benchmark: Benchmark, out_dir: str | Path | None =
     return BenchmarkRun(benchmark, samples, outputs, scores, record)
 
 
-def get_benchmark(name: str, data: str | Path | None = None) -> Benchmark:
+def get_benchmark(name: str, data: str | Path | None = None, allow_outside_root: bool = False) -> Benchmark:
     """A registered benchmark reading from the first folder that exists of ``data/<name>``, ``data/<its data
-    folder>`` (``textvqa-ocr`` reads ``textvqa``'s files) and ``data`` itself."""
+    folder>`` (``textvqa-ocr`` reads ``textvqa``'s files) and ``data`` itself. Images its records name outside
+    that folder (``..``, absolute paths, symlinks out) are an error unless ``allow_outside_root``."""
     benchmark = BENCHMARKS.get(name, field="--benchmark")()
+    benchmark.allow_outside_root = allow_outside_root
     if data is not None:
         candidates = [Path(data) / name, Path(data) / benchmark.folder]
         benchmark.root = next((c for c in candidates if c.is_dir()), Path(data))
@@ -259,9 +261,11 @@ def get_benchmark(name: str, data: str | Path | None = None) -> Benchmark:
 
 def evaluate(model, benchmarks: str | Sequence[str | Benchmark], data: str | Path | None = None,
              out_dir: str | Path | None = None, batch_size: int = 16, limit: int | None = None,
-             max_new_tokens: int | None = None, progress: bool = True, device: str | None = None) -> dict[str, Any]:
+             max_new_tokens: int | None = None, progress: bool = True, device: str | None = None,
+             allow_outside_root: bool = False) -> dict[str, Any]:
     """Evaluate ``model`` (a ZooModel, or a checkpoint dir / hub id / catalogue name for ``zoo.load``) on
     ``benchmarks`` (names, comma-separated names, or Benchmark objects) and return the results.
+    ``allow_outside_root``: read images that the benchmark files name outside their folder (`get_benchmark`).
 
     ``out_dir`` (default ``runs/eval/<model name>``) receives ``results.json`` and ``results.md`` (merged with the
     benchmarks an earlier call wrote there for the same weights) and the resumable predictions.
@@ -277,7 +281,7 @@ def evaluate(model, benchmarks: str | Sequence[str | Benchmark], data: str | Pat
     model.eval()
     if isinstance(benchmarks, str):
         benchmarks = [b.strip() for b in benchmarks.split(",") if b.strip()]
-    benches = [b if isinstance(b, Benchmark) else get_benchmark(b, data) for b in benchmarks]
+    benches = [b if isinstance(b, Benchmark) else get_benchmark(b, data, allow_outside_root) for b in benchmarks]
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / "eval" / model.config.name
     rank, world_size = distributed_context()
     info = model_info(model, source)

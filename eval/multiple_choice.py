@@ -17,7 +17,6 @@ from .benchmark import (
     as_floats,
     by_group,
     decode_image,
-    image_file,
     lettered_options,
     read_json,
     require,
@@ -85,7 +84,7 @@ class ScienceQA(_ChoiceBenchmark):
             if not isinstance(record["answer"], int) or not 0 <= record["answer"] < len(choices):
                 raise BenchmarkDataError(f"{problems_path}: {where}: 'answer' {record['answer']!r} is not an "
                                          f"index into its {len(choices)} choices")
-            image = image_file(self.root / self.split / str(pid) / record["image"], problems_path, where)
+            image = self.image_file(self.root / self.split / str(pid) / record["image"], problems_path, where)
             samples.append(Sample(str(pid), record["question"], image, LETTERS[record["answer"]],
                                   {"options": choices, "context": record.get("hint") or "",
                                    "subject": record.get("subject")}))
@@ -117,7 +116,7 @@ class SEEDBench(_ChoiceBenchmark):
                 continue
             if record["answer"] not in "ABCD" or len(record["answer"]) != 1:
                 raise BenchmarkDataError(f"{path}: {where}: answer {record['answer']!r} is not one of A-D")
-            image = image_file(self.root / "SEED-Bench-image" / record["data_id"], path, where)
+            image = self.image_file(self.root / "SEED-Bench-image" / record["data_id"], path, where)
             options = [record[f"choice_{c}"] for c in "abcd"]
             dimension = names.get(record["question_type_id"], str(record["question_type_id"]))
             samples.append(Sample(str(record["question_id"]), record["question"], image, record["answer"],

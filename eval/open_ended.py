@@ -14,7 +14,6 @@ from .benchmark import (
     BenchmarkDataError,
     Sample,
     by_group,
-    image_file,
     read_json,
     require,
 )
@@ -85,8 +84,9 @@ class VQAv2(_VQAAccuracyBenchmark):
             if qid not in annotations:
                 raise BenchmarkDataError(f"{q_path}: question_id {qid!r} has no annotation in {a_path.name}")
             record, where = annotations[qid]
-            image = self.root / self.split / f"COCO_{self.split}_{int(question['image_id']):012d}.jpg"
-            samples.append(Sample(str(qid), question["question"], image_file(image, q_path, f"question_id {qid}"),
+            image = self.image_file(self.root / self.split / f"COCO_{self.split}_{int(question['image_id']):012d}.jpg",
+                                    q_path, f"question_id {qid}")
+            samples.append(Sample(str(qid), question["question"], image,
                                   _human_answers(record, a_path, where),
                                   {"answer_type": record.get("answer_type"), "image_id": question["image_id"]}))
         return samples
@@ -112,7 +112,7 @@ class VizWiz(_VQAAccuracyBenchmark):
         for i, record in enumerate(records):
             where = f"record {i} (image {record.get('image')!r})" if isinstance(record, dict) else f"record {i}"
             require(record, ("image", "question", "answers"), path, where)
-            image = image_file(self.root / self.split / record["image"], path, where)
+            image = self.image_file(self.root / self.split / record["image"], path, where)
             samples.append(Sample(record["image"], record["question"], image, _human_answers(record, path, where),
                                   {"answer_type": record.get("answer_type")}))
         return samples
@@ -157,7 +157,7 @@ class TextVQA(_VQAAccuracyBenchmark):
                                              f"{self.files[-1].name}")
                 if tokens[record["image_id"]]:
                     question += "\nReference OCR token: " + ", ".join(tokens[record["image_id"]])
-            image = image_file(self.root / images / f"{record['image_id']}.jpg", path, where)
+            image = self.image_file(self.root / images / f"{record['image_id']}.jpg", path, where)
             samples.append(Sample(str(record["question_id"]), question, image, _human_answers(record, path, where)))
         return samples
 
@@ -194,7 +194,7 @@ class GQA(Benchmark):
         for qid, record in records.items():
             where = f"question {qid!r}"
             require(record, ("imageId", "question", "answer"), path, where)
-            image = image_file(self.root / "images" / f"{record['imageId']}.jpg", path, where)
+            image = self.image_file(self.root / "images" / f"{record['imageId']}.jpg", path, where)
             structural = (record.get("types") or {}).get("structural")
             samples.append(Sample(str(qid), record["question"], image, record["answer"], {"structural": structural}))
         return samples

@@ -14,7 +14,6 @@ from .benchmark import (
     Sample,
     as_floats,
     by_group,
-    image_file,
     read_jsonl,
     require,
 )
@@ -49,7 +48,7 @@ class POPE(Benchmark):
                 require(record, ("question_id", "image", "text", "label"), path, where)
                 if record["label"] not in ("yes", "no"):
                     raise BenchmarkDataError(f"{path}: {where}: label {record['label']!r} is not 'yes' or 'no'")
-                image = image_file(self.root / "val2014" / record["image"], path, where)
+                image = self.image_file(self.root / "val2014" / record["image"], path, where)
                 samples.append(Sample(f"{split}/{record['question_id']}", record["text"], image, record["label"],
                                       {"split": split}))
         return samples

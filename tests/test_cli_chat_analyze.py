@@ -15,6 +15,7 @@ from test_eval_data import write_pope
 import zoo
 from zoo.chat import ChatSession, interactive
 from zoo.cli import main
+from zoo.images import ImageError
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,8 @@ def test_chat_interactive_loop(demo_checkpoint):
     assert n == 2 and lines[0] == f"model> {model.answer([image], ['what color is the shape?'])[0]}"
     assert lines[1:3] == ["(new conversation)", "(new image, new conversation)"]
     assert lines[3] == f"model> {model.answer([image], ['what shape is it?'])[0]}" and len(lines) == 4
-    with pytest.raises(ValueError, match="--image: cannot read"):
-        main(["chat", str(demo_checkpoint["path"]), "--image", "/nonexistent.png", "--question", "x"])
+    with pytest.raises(ImageError, match="--image /nonexistent.png: missing image file"):
+        main(["chat", str(demo_checkpoint["path"]), "--image", "/nonexistent.png", "--question", "x", "--debug"])
 
 
 def test_analyze_routing_tables_and_heatmaps_by_modality_and_benchmark(demo_checkpoint, tmp_path, capsys):

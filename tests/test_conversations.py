@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_config
+from image_faults import UNUSABLE, png, write_unusable
 from PIL import Image
 
 import zoo
@@ -20,6 +22,7 @@ from zoo.train.conversations import (
     Conversation,
     ConversationStream,
     encode_conversation,
+    parse_llava_record,
     read_llava_json,
     read_webdataset,
 )
@@ -33,9 +36,7 @@ def model():
 
 
 def _png(colour=(200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png(colour=colour)
 
 
 def _supervised(encoded) -> list[int]:
@@ -112,9 +113,16 @@ def _write_faulty_llava_json(tmp_path):
         {"id": "good-text", "conversations": [
             {"from": "human", "value": "is red a color?"}, {"from": "gpt", "value": "yes"}]},
     ]
+    unusable = write_unusable(images)  # 1x1, 0 bytes, decompression bombs, 16-bit pixels
+    (tmp_path / "outside.png").write_bytes(_png())  # a good image outside the image root
+    (images / "link.png").symlink_to(tmp_path / "outside.png")
     bad = [
         {"id": "bad-missing-file", "image": "nowhere.png", "conversations": good[0]["conversations"]},
         {"id": "bad-corrupt", "image": "corrupt.png", "conversations": good[0]["conversations"]},
+        *({"id": f"bad-{kind}", "image": path.name, "conversations": good[0]["conversations"]}
+          for kind, (path, _) in unusable.items()),
+        *({"id": f"bad-escape-{kind}", "image": name, "conversations": good[0]["conversations"]}
+          for kind, name in ESCAPES.items()),
         {"id": "bad-no-answer", "image": "red.png", "conversations": [good[0]["conversations"][0]]},
         {"id": "bad-empty-question", "image": "red.png", "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "red"}]},
@@ -127,7 +135,15 @@ def _write_faulty_llava_json(tmp_path):
     lines = [json.dumps(r) for r in good + bad] + ["{not json"]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    return path, images, {r["id"] for r in good}, {r["id"] for r in bad} | {"data.jsonl:11"}
+    return path, images, {r["id"] for r in good}, {r["id"] for r in bad} | {f"data.jsonl:{len(lines)}"}
+
+
+# image paths that leave the image root: parent folders, an absolute path elsewhere, a symlink pointing out
+ESCAPES = {"dotdot": "../outside.png", "absolute": "/etc/hostname", "symlink": "link.png"}
+# the reason words of every fault of a LLaVA JSON file
+JSON_FAULTS = ("malformed JSON line", "unknown role", "missing image file", "corrupt image", "no assistant turn",
+               "empty question", "placeholder", "over-long", "outside the image root",
+               *(words for _, words in UNUSABLE.values()))
 
 
 def _drain(stream):
@@ -144,9 +160,32 @@ def test_llava_json_with_every_fault_trains_on_the_good_samples_only(model, tmp_
     named = {sid for ids in list(skipped.by_reason.values()) + list(stream.skipped.by_reason.values()) for sid in ids}
     assert named == bad  # every bad sample named
     reasons = " | ".join(list(skipped.by_reason) + list(stream.skipped.by_reason))
-    for word in ("malformed JSON line", "unknown role", "missing image file", "corrupt image", "no assistant turn",
-                 "empty question", "placeholder", "over-long"):
-        assert word in reasons
+    for word in JSON_FAULTS:
+        assert word in reasons, word
+    for kind, (_, words) in UNUSABLE.items():  # each reason names the file
+        assert any(words in r and f"{kind}.png" in r for r in reasons.split(" | ")), kind
+    for kind, name in ESCAPES.items():
+        assert any("outside the image root" in r and f"image {name}:" in r for r in reasons.split(" | ")), kind
+
+
+def _ask(sample_id: str, image: str) -> dict:
+    return {"id": sample_id, "image": image, "conversations": [{"from": "human", "value": "<image>\nwhat color?"},
+                                                               {"from": "gpt", "value": "red"}]}
+
+
+def test_image_paths_outside_the_root_are_read_only_when_allowed(model, tmp_path):
+    path, images, _, _ = _write_faulty_llava_json(tmp_path)
+    samples = read_llava_json(path, image_root=images, skipped=SkipCounter(), allow_outside_root=True)
+    escaped = {s.id: s for s in samples if s.id.startswith("bad-escape")}
+    assert set(escaped) == {f"bad-escape-{kind}" for kind in ESCAPES}
+    assert escaped["bad-escape-absolute"].images == [Path("/etc/hostname")]
+    stream = ConversationStream(model, [[escaped["bad-escape-dotdot"], escaped["bad-escape-symlink"]]])
+    assert {item[0] for item in stream} == {"bad-escape-dotdot", "bad-escape-symlink"}  # outside.png, both ways
+    with pytest.raises(BadSample, match=r"image \.\./outside\.png: a path outside the image root"):
+        parse_llava_record(_ask("x", "../outside.png"), image_root=images)
+    with pytest.raises(BadSample, match=r"image link\.png: a symlink pointing outside the image root"):
+        parse_llava_record(_ask("y", "link.png"), image_root=images)
+    assert parse_llava_record(_ask("z", "red.png"), image_root=images).images == [images / "red.png"]
 
 
 def test_webdataset_round_trip_and_a_truncated_shard(model, tmp_path):
@@ -154,11 +193,12 @@ def test_webdataset_round_trip_and_a_truncated_shard(model, tmp_path):
     assert main(["convert", "llava-to-wds", str(path), "--image-root", str(images),
                  "--out", str(tmp_path / "wds" / "shard-%05d.tar"), "--maxcount", "4"]) == 0
     shards = sorted(str(p) for p in (tmp_path / "wds").glob("shard-*.tar"))
-    # 8 records written: the malformed line, the unknown role and the missing image file are skipped on the way
+    # 7 records written: the good ones and those whose fault shows when they are encoded; bad lines, bad roles and
+    # unusable or escaping images are skipped on the way
     assert len(shards) == 2
     skipped = SkipCounter()
     samples = list(read_webdataset(shards, skipped=skipped))
-    assert len(samples) == 8 and skipped.total == 0
+    assert len(samples) == 7 and skipped.total == 0
     stream = ConversationStream(model, [lambda: read_webdataset(shards)])
     assert {i[0] for i in _drain(stream)} == good
     # a shard cut in the middle of a member: the readable samples still come, the rest is a counted skip
@@ -167,7 +207,7 @@ def test_webdataset_round_trip_and_a_truncated_shard(model, tmp_path):
     cut.write_bytes(data[: len(data) * 2 // 3])
     skipped = SkipCounter()
     partial = list(read_webdataset([str(cut), shards[1]], skipped=skipped))
-    assert skipped.total >= 1 and 4 <= len(partial) < 8  # shard 1's four samples, part of shard 0's
+    assert skipped.total >= 1 and 3 <= len(partial) < 7  # shard 1's three samples, part of shard 0's
 
 
 def test_text_only_and_image_samples_share_a_batch_and_training_lowers_the_loss(model, tmp_path):

@@ -5,9 +5,11 @@ import base64
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
+from image_faults import UNUSABLE, png
 from PIL import Image
 
 from zoo.eval import BENCHMARKS, BenchmarkDataError, get_benchmark
@@ -357,3 +359,47 @@ def test_textvqa_protocols_share_one_release_folder(tmp_path):
     bench = get_benchmark("textvqa-ocr", tmp_path)
     assert bench.root == tmp_path / "textvqa" and bench.folder == "textvqa"
     assert "Reference OCR token: nikon, d90" in bench.prompt(bench.load()[0])
+
+
+# ---------------------------------------------------------------------------- images the models cannot take
+@pytest.mark.parametrize("kind", UNUSABLE)
+def test_an_unusable_image_is_an_error_naming_the_question_and_the_file(tmp_path, kind):
+    write_pope(tmp_path)
+    data, words = UNUSABLE[kind]
+    (tmp_path / "val2014" / "COCO_val2014_000000310196.jpg").write_bytes(data())
+    sample = get_benchmark("pope", tmp_path).load()[0]
+    with pytest.raises(BenchmarkDataError, match=rf"sample random/1: image .*COCO_val2014_000000310196\.jpg: "
+                                                 rf"{re.escape(words)}"):
+        sample.load_image()
+
+
+def test_images_outside_the_benchmark_folder_are_read_only_when_allowed(tmp_path):
+    write_pope(tmp_path / "pope")
+    _image(tmp_path / "elsewhere" / "photo.jpg")
+    path = tmp_path / "pope" / "coco" / "coco_pope_random.json"
+    path.write_text(path.read_text().replace("COCO_val2014_000000310196.jpg", "../../elsewhere/photo.jpg", 1))
+    (tmp_path / "pope" / "val2014" / "linked.jpg").symlink_to(tmp_path / "elsewhere" / "photo.jpg")
+    path = tmp_path / "pope" / "coco" / "coco_pope_popular.json"
+    path.write_text(path.read_text().replace("COCO_val2014_000000310196.jpg", "linked.jpg", 1))
+    with pytest.raises(BenchmarkDataError, match=r"coco_pope_random\.json: line 1: image .*val2014/\.\./\.\./elsewhere/"
+                                                 r"photo\.jpg: a path outside the image root"):
+        get_benchmark("pope", tmp_path).load()
+    path = tmp_path / "pope" / "coco" / "coco_pope_random.json"
+    path.write_text(path.read_text().replace("../../elsewhere/photo.jpg", "COCO_val2014_000000310196.jpg"))
+    with pytest.raises(BenchmarkDataError, match=r"coco_pope_popular\.json: line 1: image .*linked\.jpg: a symlink "
+                                                 r"pointing outside the image root"):
+        get_benchmark("pope", tmp_path).load()
+    samples = get_benchmark("pope", tmp_path, allow_outside_root=True).load()
+    assert samples[4].image.name == "linked.jpg" and samples[4].load_image().size == (8, 8)
+
+
+def test_easy_vqa_questions_about_an_unusable_image_are_an_evaluation_error(monkeypatch, tmp_path):
+    import easy_vqa
+
+    paths = dict(easy_vqa.get_test_image_paths())
+    (tmp_path / "dot.png").write_bytes(png((1, 1)))
+    paths[0] = str(tmp_path / "dot.png")  # the package's data, one image replaced by a 1x1 file
+    monkeypatch.setattr(easy_vqa, "get_test_image_paths", lambda: paths)
+    with pytest.raises(BenchmarkDataError, match=r"easy-vqa: question easy-vqa/test/\d+: image .*dot\.png: 1x1 "
+                                                 r"pixels is too small .*\(\d+ question\(s\) ask about images"):
+        get_benchmark("easy-vqa").load()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_config
+from image_faults import write_unusable
 
 import zoo
 from zoo.train import TrainConfig, ZooLightningModule
@@ -167,3 +168,29 @@ def test_bf16_mixed_precision_runs_the_lm_in_bf16_and_keeps_fp32_weights(easy_vq
     state = module.trainer.optimizers[0].state
     assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
     assert float(module.losses[-1]) < float(module.losses[0])
+
+
+def test_questions_about_unusable_easy_vqa_images_are_counted_skips_and_the_rest_trains(tmp_path):
+    """easy-vqa's reader on the package's own questions and images, five images swapped for files the models cannot
+    take: their questions are skips naming the file, every other question is trained on."""
+    import easy_vqa
+
+    from zoo.train import VQATrainingSet, fit
+    from zoo.train.data import read_vqa_split
+
+    questions = [q for q in zip(*easy_vqa.get_train_questions()) if q[2] < 20]  # (question, answer, image id)
+    paths = {i: p for i, p in easy_vqa.get_train_image_paths().items() if i < 20}
+    unusable = write_unusable(tmp_path)
+    for image_id, (path, _) in enumerate(unusable.values()):
+        paths[image_id] = path
+    split = read_vqa_split(questions, paths, "easy-vqa/train")
+    bad = {f"easy-vqa/train/{n}" for n, (_, _, image_id) in enumerate(questions) if image_id < len(unusable)}
+    assert {i for ids in split.skipped.by_reason.values() for i in ids} == bad
+    for path, words in unusable.values():
+        assert any(words in reason and str(path) in reason for reason in split.skipped.by_reason)
+    assert len(split.images) == 20 - len(unusable) and len(split.samples) == len(questions) - len(bad)
+    model = zoo.build(tiny_config())
+    data = VQATrainingSet(model, split)
+    assert data.num_questions == len(questions) - len(bad) and data.skipped.total == len(bad)
+    module = fit(model, data, TrainConfig(steps=2, batch_size=16, lr=1e-3), progress=False)
+    assert len(module.losses) == 2

@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset
 
+from zoo.errors import DataFileError
+from zoo.images import ImageError, open_image, probe_image, resolve_image_path
 from zoo.model import IGNORE_INDEX, ZooModel, pad_token_ids
 from zoo.registry import Registry
 
@@ -60,9 +62,12 @@ class Encoded:
     labels: list[int]
 
 
-def parse_llava_record(record: dict, image_root: str | Path | None = None, where: str = "") -> Conversation:
+def parse_llava_record(record: dict, image_root: str | Path | None = None, where: str = "",
+                       allow_outside_root: bool = False) -> Conversation:
     """A LLaVA JSON record (``id``, optional ``image`` path or list, ``conversations`` of ``from``/``value``) as a
-    `Conversation`; a malformed record raises `BadSample` naming the field."""
+    `Conversation`; a malformed record raises `BadSample` naming the field. Image paths are taken relative to
+    ``image_root``; one that leaves it (``..``, an absolute path elsewhere, a symlink out) raises `BadSample` unless
+    ``allow_outside_root``."""
     if not isinstance(record, dict):
         raise BadSample(f"{where}: expected a JSON object, got {type(record).__name__}")
     sample_id = str(record.get("id", where))
@@ -79,16 +84,22 @@ def parse_llava_record(record: dict, image_root: str | Path | None = None, where
         parsed.append((role, turn["value"]))
     image = record.get("image")
     images = [] if image is None else image if isinstance(image, list) else [image]
-    root = Path(image_root) if image_root is not None else None
-    paths = [root / p if root is not None and isinstance(p, str) else p for p in images]
-    return Conversation(sample_id, parsed, paths)
+    if image_root is not None:
+        try:
+            images = [resolve_image_path(p, image_root, allow_outside_root) if isinstance(p, str) else p
+                      for p in images]
+        except ImageError as e:
+            raise BadSample(str(e)) from e
+    return Conversation(sample_id, parsed, images)
 
 
 def read_llava_json(path: str | Path, image_root: str | Path | None = None,
-                    skipped: SkipCounter | None = None) -> list[Conversation]:
-    """Conversations of a LLaVA JSON file (one array) or JSON-lines file. A malformed line or record is skipped
-    and counted (id ``file:line`` when it has none); a file that is not JSON at all is an error naming it."""
+                    skipped: SkipCounter | None = None, allow_outside_root: bool = False) -> list[Conversation]:
+    """Conversations of a LLaVA JSON file (one array) or JSON-lines file. A malformed line or record, or an image
+    path that leaves ``image_root`` (default: the file's folder) without ``allow_outside_root``, is skipped and
+    counted (id ``file:line`` when it has none); a file that is not JSON at all is an error naming it."""
     path = Path(path)
+    image_root = path.parent if image_root is None else image_root
     skipped = skipped if skipped is not None else SkipCounter()
     text = path.read_text()
     out = []
@@ -96,7 +107,7 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None,
         try:
             records = [(f"{path.name}:{i}", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+            raise DataFileError(f"{path}: not valid JSON ({e})") from e
     else:
         records = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -108,29 +119,20 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None,
                 skipped.skip(f"malformed JSON line ({e.msg})", f"{path.name}:{n}")
     for where, record in records:
         try:
-            out.append(parse_llava_record(record, image_root, where))
+            out.append(parse_llava_record(record, image_root, where, allow_outside_root))
         except BadSample as e:
             skipped.skip(str(e), str(record.get("id", where)) if isinstance(record, dict) else where)
     return out
 
 
 def load_image(image: str | Path | bytes | Image.Image) -> Image.Image:
-    """A PIL image from a path, raw bytes or a PIL image, fully decoded (corrupt bytes fail here, not later)."""
-    if isinstance(image, Image.Image):
-        return image
+    """An RGB image from a path, raw bytes or a PIL image, fully decoded (corrupt bytes fail here, not later); one
+    the models cannot take (`zoo.images`: missing, empty, corrupt, too small, a decompression bomb, 16-bit or float
+    pixels) raises `BadSample` naming the file."""
     try:
-        if isinstance(image, bytes):
-            with Image.open(io.BytesIO(image)) as im:
-                im.load()
-                return im.copy()
-        with Image.open(image) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError as e:
-        raise BadSample(f"missing image file {image}") from e
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        name = "image bytes" if isinstance(image, bytes) else f"image {image}"
-        raise BadSample(f"corrupt {name} ({e})") from e
+        return open_image(image)
+    except ImageError as e:
+        raise BadSample(str(e)) from e
 
 
 # --------------------------------------------------------------------------------------------- templates
@@ -268,19 +270,22 @@ def _image_bytes(image: str | Path | bytes | Image.Image) -> bytes:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
-    if isinstance(image, bytes):
-        return image
     try:
-        return Path(image).read_bytes()
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        probe_image(data, "image bytes" if isinstance(image, bytes) else f"image {image}")
     except OSError as e:
-        raise BadSample(f"missing image file {image}") from e
+        raise BadSample(f"image {image}: missing image file") from e
+    except ImageError as e:
+        raise BadSample(str(e)) from e
+    return data
 
 
 def write_webdataset(samples: Iterable[Conversation], pattern: str, maxcount: int = 1000,
                      skipped: SkipCounter | None = None) -> int:
     """Write conversations as webdataset shards (``pattern`` like ``out/shard-%05d.tar``): per sample ``json``
-    (id, conversations) and its images as ``0.img``, ``1.img``, ... (the original encoded bytes, not decoded here).
-    A sample whose image file cannot be read is skipped and counted. Returns the number written."""
+    (id, conversations) and its images as ``0.img``, ``1.img``, ... (the original encoded bytes, whose header is
+    checked but not decoded here). A sample whose image file cannot be read or used (`zoo.images.probe_image`) is
+    skipped and counted. Returns the number written."""
     import webdataset as wds
 
     skipped = skipped if skipped is not None else SkipCounter()
@@ -310,7 +315,9 @@ def _flat_args(args) -> Iterator:
 
 def read_webdataset(urls: str | Sequence[str], skipped: SkipCounter | None = None) -> Iterator[Conversation]:
     """Conversations from webdataset shards written by `write_webdataset` (or LLaVA-style shards with ``json`` +
-    ``jpg``/``png``). A truncated shard or a malformed record is skipped and counted; reading goes on."""
+    ``jpg``/``png``). A truncated shard, a malformed record or an image the models cannot take (checked from its
+    header: empty, unidentifiable, too small, a decompression bomb, 16-bit pixels; named ``shard:key.member``) is
+    skipped and counted; reading goes on."""
     import webdataset as wds
 
     skipped = skipped if skipped is not None else SkipCounter()
@@ -338,9 +345,14 @@ def read_webdataset(urls: str | Sequence[str], skipped: SkipCounter | None = Non
         except BadSample as e:
             skipped.skip(str(e), key)
             continue
-        images = [raw[k] for k in sorted(k for k in raw if k.endswith(".img"))]
-        images += [raw[k] for k in ("jpg", "png", "jpeg") if k in raw and not images]
-        sample.images = images
+        members = sorted(k for k in raw if k.endswith(".img")) or [k for k in ("jpg", "png", "jpeg") if k in raw][:1]
+        try:  # header checks now, naming the shard member; the pixels are decoded when the sample is encoded
+            for member in members:
+                probe_image(raw[member], f"image {key}.{member}")
+        except ImageError as e:
+            skipped.skip(str(e), sample.id)
+            continue
+        sample.images = [raw[member] for member in members]
         yield sample
 
 

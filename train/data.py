@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from zoo.config import ConfigError
 from zoo.encoders import FeatureCache, map_pixels, num_images
+from zoo.images import ImageError, open_image
 from zoo.model import IGNORE_INDEX, ZooModel, pad_token_ids
 
 log = logging.getLogger(__name__)
@@ -30,10 +33,12 @@ class VQASample:
 
 @dataclass
 class VQASplit:
-    """A VQA split: images (PIL, loaded once) and the questions about them."""
+    """A VQA split: images (PIL, loaded once) and the questions about them; ``skipped`` holds the questions left
+    out because their image cannot be used (by reason, naming the file)."""
 
     images: list[Image.Image]
     samples: list[VQASample]
+    skipped: SkipCounter = field(default_factory=lambda: SkipCounter())
 
 
 def load_easy_vqa(split: str = "train") -> VQASplit:
@@ -41,18 +46,32 @@ def load_easy_vqa(split: str = "train") -> VQASplit:
     import easy_vqa
 
     if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split: expected one of {SPLITS}, got {split!r}")
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
-    order = sorted(paths)
-    position = {image_id: i for i, image_id in enumerate(order)}
-    images = []
-    for image_id in order:
-        with Image.open(paths[image_id]) as im:
-            images.append(im.convert("RGB"))
-    samples = [VQASample(position[i], q, a, f"easy-vqa/{split}/{n}")
-               for n, (q, a, i) in enumerate(zip(questions, answers, image_ids))]
-    return VQASplit(images, samples)
+    return read_vqa_split(list(zip(questions, answers, image_ids)), paths, f"easy-vqa/{split}")
+
+
+def read_vqa_split(questions: Sequence[tuple[str, str, int]], image_paths: Mapping[int, str | Path],
+                   prefix: str) -> VQASplit:
+    """A split in easy-vqa's layout: ``(question, answer, image id)`` triples and the image file of each id.
+    Question ``n`` gets the id ``<prefix>/<n>``; images are ordered by id. An image the models cannot take
+    (`zoo.images`: unreadable, empty, too small, a decompression bomb, 16-bit pixels) is left out, and every question
+    about it is a counted, logged skip (``skipped``) whose reason names the file."""
+    images, position, unusable = [], {}, {}
+    for image_id in sorted(image_paths):
+        try:
+            images.append(open_image(image_paths[image_id]))
+            position[image_id] = len(images) - 1
+        except ImageError as e:
+            unusable[image_id] = str(e)
+    split = VQASplit(images, [])
+    for n, (question, answer, image_id) in enumerate(questions):
+        if image_id in unusable:
+            split.skipped.skip(unusable[image_id], f"{prefix}/{n}")
+        else:
+            split.samples.append(VQASample(position[image_id], question, answer, f"{prefix}/{n}"))
+    return split
 
 
 class SkipCounter:
@@ -66,6 +85,12 @@ class SkipCounter:
     def skip(self, reason: str, sample_id: str) -> None:
         if self._add(reason, sample_id):
             log.warning("skipping sample %s: %s", sample_id, reason)
+
+    def extend(self, other: SkipCounter) -> None:
+        """Count ``other``'s skips here too (they were logged when ``other`` counted them)."""
+        for reason, ids in other.by_reason.items():
+            for sample_id in ids:
+                self._add(reason, sample_id)
 
     def _add(self, reason: str, sample_id: str) -> bool:
         if (reason, sample_id) in self._seen:
@@ -123,6 +148,7 @@ class VQATrainingSet(Dataset):
         else:
             self.pixels, self.features = model.vision.preprocess(split.images), None
         self.skipped = SkipCounter()
+        self.skipped.extend(split.skipped)  # questions about images that cannot be used
         self.budget = model.config.max_length - (model.num_image_tokens - 1)
         self.pad_id = model.tokenizer.pad_token_id
         tokenizer = model.tokenizer

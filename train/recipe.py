@@ -46,15 +46,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SourceConfig:
-    """A data source. ``kind``: ``easy-vqa`` (``split``), ``llava-json`` (``path``, ``image_root``), ``webdataset``
+    """A data source. ``kind``: ``easy-vqa`` (``split``), ``llava-json`` (``path``, ``image_root``: default the
+    file's folder; image paths leaving it are counted skips unless ``allow_outside_image_root``), ``webdataset``
     (``urls``: shard paths or a brace pattern). ``limit`` keeps the first N samples."""
 
     kind: Literal["easy-vqa", "llava-json", "webdataset"]
     split: str = "train"
     path: str | None = None
     image_root: str | None = None
+    allow_outside_image_root: bool = False
     urls: str | list[str] | None = None
     limit: int | None = None
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: must be >= 1 (or null for all samples), got {self.limit}")
 
 
 @dataclass
@@ -221,13 +227,15 @@ def build_source(config: SourceConfig, skipped: SkipCounter):
     """The conversations of a source: a list (easy-vqa, LLaVA JSON) or a re-iterable callable (webdataset)."""
     if config.kind == "easy-vqa":
         split = load_easy_vqa(config.split)
+        skipped.extend(split.skipped)  # questions about images that cannot be used
         samples = split.samples[: config.limit] if config.limit else split.samples
         return [Conversation(s.id, [("user", s.question), ("assistant", s.answer)], [split.images[s.image]])
                 for s in samples]
     if config.kind == "llava-json":
         if not config.path:
             raise ConfigError("data.path: the LLaVA JSON file")
-        samples = read_llava_json(config.path, config.image_root, skipped=skipped)
+        samples = read_llava_json(config.path, config.image_root, skipped=skipped,
+                                  allow_outside_root=config.allow_outside_image_root)
         return samples[: config.limit] if config.limit else samples
     if not config.urls:
         raise ConfigError("data.urls: the webdataset shards")

@@ -22,6 +22,7 @@ from typing import TextIO
 import torch
 from PIL import Image
 
+from zoo import images
 from zoo.encoders import map_pixels
 
 
@@ -71,12 +72,8 @@ class ChatSession:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """An image file as RGB; a missing or unreadable file is an error naming it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--image: cannot read {path}: {e}") from e
+    """An image file as RGB; one that is missing or cannot be used is a `zoo.images.ImageError` naming it."""
+    return images.open_image(path, f"--image {path}")
 
 
 def interactive(session: ChatSession, lines: Iterable[str] | None = None, out: TextIO = sys.stdout) -> int:
@@ -95,7 +92,11 @@ def interactive(session: ChatSession, lines: Iterable[str] | None = None, out: T
             print("(new conversation)", file=out)
             continue
         if line.startswith("/image "):
-            session.reset(open_image(line.split(" ", 1)[1].strip()))
+            try:
+                session.reset(open_image(line.split(" ", 1)[1].strip()))
+            except images.ImageError as e:  # the conversation goes on with the image it had
+                print(f"error: {e}", file=out)
+                continue
             print("(new image, new conversation)", file=out)
             continue
         try:
