@@ -128,6 +128,9 @@ def build_encoder(config: VisionConfig, name: str = "vision", path: str = "visio
     """Build the vision expert named by ``config.kind`` (wrapped for S2 multi-scale features if ``scales``; blocks
     made sparse if ``sparsity``, named ``<name>.layers.<i>`` in routing statistics; errors name ``<path>.<field>``)."""
     expert = ENCODERS.get(config.kind, field=f"{path}.kind")(config)
+    if expert.num_tokens < 1:
+        raise ConfigError(f"{path}.image_size: {expert.image_size} px gives the {config.kind} expert no token (its "
+                          f"grid is {expert.grid[0]}x{expert.grid[1]}); use a larger image size")
     if config.sparsity is not None:
         sparsify_expert(expert, config.sparsity, path=f"{path}.sparsity", name=name)
     if config.scales and config.scales != [1]:

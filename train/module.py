@@ -45,6 +45,37 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute the LM's decoder layers in the backward pass
     checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0: never; needs a run dir)
 
+    def __post_init__(self) -> None:
+        """Value ranges, checked where the config is read; errors name the field (``steps: must be >= 1, got -3``;
+        a recipe prefixes the path: ``stages[0].train.steps``)."""
+        from .strategy import STRATEGIES
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}: {why}, got {getattr(self, name)!r}")
+
+        for name, low in (("steps", 1), ("batch_size", 1), ("questions_per_image", 1), ("turns_per_sample", 1),
+                          ("log_every", 1), ("num_nodes", 1), ("accumulate_grad_batches", 1), ("num_workers", 0),
+                          ("checkpoint_every", 0)):
+            if getattr(self, name) < low:
+                raise bad(name, f"must be >= {low}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a finite number > 0")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "must be a finite number >= 0" + (" (0: no clipping)" if name == "grad_clip" else ""))
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "must be in [0, 1]")
+        for part, scale in self.lr_scale.items():
+            if not (math.isfinite(scale) and scale >= 0):
+                raise ConfigError(f"lr_scale.{part}: must be a finite number >= 0, got {scale!r}")
+        if self.augment not in (None, "dihedral"):
+            raise bad("augment", "expected null or 'dihedral'")
+        if self.devices != "auto" and not (isinstance(self.devices, int) and self.devices >= 1):
+            raise bad("devices", "must be an integer >= 1 or 'auto'")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"expected one of {', '.join(STRATEGIES)}")
+
 
 class ZooLightningModule(L.LightningModule):
     """Trains a ZooModel on batches of ``input_ids``/``attention_mask``/``labels``/``pixel_values``.

@@ -33,11 +33,11 @@ from typing import Any, Literal
 import yaml
 
 import zoo
-from zoo.config import ConfigError, SparsityConfig, from_dict, read_mapping, to_dict
+from zoo.config import ConfigError, ConnectorConfig, SparsityConfig, from_dict, read_mapping, to_dict
 from zoo.model import ZooModel
 from zoo.registry import Registry
 
-from .conversations import Conversation, ConversationStream, read_llava_json, read_webdataset
+from .conversations import TEMPLATES, Conversation, ConversationStream, read_llava_json, read_webdataset
 from .data import SkipCounter, load_easy_vqa
 from .module import TrainConfig, fit
 
@@ -77,6 +77,16 @@ class ActionConfig:
     options: dict[str, Any] = field(default_factory=dict)
     coefficients: dict[str, float] | None = None
 
+    def __post_init__(self):
+        """The policy's values are checked when the recipe is read, not when an earlier stage has trained."""
+        if self.action in ("sparsify", "sparsify_vision"):
+            from_dict(SparsityConfig, dict(self.policy), path="policy")
+        elif self.action == "co_upcycle":  # connector.moe settings: the same ranges as a model config's
+            try:
+                ConnectorConfig(moe=dict(self.policy), coefficients=dict(self.coefficients or {}))
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("moe.", "policy.", 1)) from e
+
 
 @dataclass
 class StageConfig:
@@ -90,6 +100,15 @@ class StageConfig:
     trainable: list[str] = field(default_factory=lambda: ["connector"])
     before: list[ActionConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        for source, weight in self.data.items():
+            if not weight > 0:
+                raise ConfigError(f"data.{source}: a mixing weight must be > 0, got {weight!r}")
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"template: unknown template {self.template!r}; templates: {', '.join(TEMPLATES)}")
+        if not self.trainable:
+            raise ConfigError("trainable: a stage trains at least one part or parameter glob")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,6 +126,13 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
         raise ConfigError(f"{path or cls.__name__}: {e}") from e
 
 
+def check_coefficients(coefficients: dict[str, float], field: str = "coefficients") -> None:
+    """Aux-loss weights are finite and >= 0 (a negative weight would reward imbalance); errors name the loss."""
+    for name, value in coefficients.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{field}.{name}: must be a finite number >= 0, got {value!r}")
+
+
 def to_dict(obj: Any) -> Any:
     """Plain (JSON/YAML-safe) form of a config dataclass; tuples become lists."""
     if dataclasses.is_dataclass(obj):
@@ -196,6 +204,14 @@ class VisionConfig:
     def __post_init__(self):
         if self.scales is not None and (not self.scales or min(self.scales) < 1 or 1 not in self.scales):
             raise ConfigError(f"scales: expected positive integer scales including 1, got {self.scales}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"image_size: must be >= 1 pixel (or null for the model's own), got {self.image_size}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != 3:
+                raise ConfigError(f"{name}: expected 3 values (R, G, B), got {values}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"std: every value must be > 0, got {self.std}")
 
 
 @dataclass
@@ -234,6 +250,17 @@ class ConnectorConfig:
     moe: dict[str, Any] = field(default_factory=dict)
     coefficients: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_coefficients(self.coefficients)
+        if self.moe:  # value ranges now (expert counts, top-k, capacities); the kind checks its keys when built
+            from zoo.moe.config import MoEConfig
+
+            known = {k: v for k, v in self.moe.items() if k in {f.name for f in dataclasses.fields(MoEConfig)}}
+            try:
+                from_dict(MoEConfig, known)
+            except ConfigError as e:
+                raise ConfigError(f"moe.{e}") from e
 
 
 @dataclass
@@ -349,6 +376,11 @@ class SparsityConfig:
             raise ConfigError("granularity: init fine_grained_split needs granularity >= 2")
         if self.noise < 0:
             raise ConfigError(f"noise: must be >= 0, got {self.noise}")
+        for name in ("expert_ratio", "bigmac_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ConfigError(f"{name}: must be in (0, 1], got {value}")
+        check_coefficients(self.coefficients)
         from zoo.moe.config import MoEConfig
 
         try:  # field names, types and the width-free checks now; widths come from the LM at build time
@@ -474,6 +506,10 @@ class ModelConfig:
     max_length: int = 2048
     image_token_id: int | None = None  # filled from the tokenizer when the model is built
     weights: str | None = None  # released weights for zoo.load(name): a zoo checkpoint dir or hub id
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:  # the image tokens' room is checked when the model is built
+            raise ConfigError(f"max_length: must be >= 2 (an image and an answer token), got {self.max_length}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

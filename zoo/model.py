@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from zoo.checkpoint import load_weights, read_checkpoint_config, save_checkpoint
-from zoo.config import LoRAExpertConfig, ModelConfig, SparsityConfig, from_dict
+from zoo.config import ConfigError, LoRAExpertConfig, ModelConfig, SparsityConfig, from_dict
 from zoo.connectors import build_connector
 from zoo.encoders import FusedVision, build_vision, map_pixels, num_images
 from zoo.lm import build_lm, lm_config_dict
@@ -104,6 +104,9 @@ class ZooModel(nn.Module):
         self.vision = build_vision(config.vision, config.fusion)
         self.lm = build_lm(config.lm, vocab_size=_embedded_vocab(tokenizer, config))
         self.connector = build_connector(config.connector, self.vision.width, self.lm.config.hidden_size)
+        if self.num_image_tokens >= config.max_length:
+            raise ConfigError(f"max_length: {config.max_length} leaves no room for text after the "
+                              f"{self.num_image_tokens} tokens of one image")
         if config.lm.sparsity is not None:
             sparsify(self.lm, config.lm.sparsity)
         if config.lm.lora is not None:

@@ -94,6 +94,13 @@ class MoEConfig:
             raise bad("num_shared", "must be >= 0")
         if self.bigmac_rank is not None and self.bigmac_rank < 1:
             raise bad("bigmac_rank", "must be >= 1")
+        if self.shared_size is not None and self.shared_size < 1:
+            raise bad("shared_size", "must be >= 1")
+        if not self.routed_scaling > 0:
+            raise bad("routed_scaling", "must be > 0")
+        for name in ("router_init_std", "bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, "must be >= 0")
         if self.device_groups < 1 or self.num_experts % self.device_groups:
             raise bad("device_groups", f"must divide num_experts ({self.num_experts})")
         ROUTERS.get(self.router, field="router")
