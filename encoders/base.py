@@ -67,7 +67,7 @@ class VisionExpert(nn.Module):
         ``size``)."""
         size = size or self.image_size
         out = np.empty((len(images), size, size, 3), dtype=np.float32)
-        fill = tuple(int(round(m * 255)) for m in self.mean)
+        fill = tuple(int(m * 255) for m in self.mean)  # truncated, as LLaVA's expand2square and llava-hf pad
         for i, image in enumerate(images):
             image = to_rgb(image, i)
             if self.config.resize == "pad" and image.width != image.height:

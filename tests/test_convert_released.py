@@ -26,7 +26,17 @@ def _word_tokenizer(size: int):
     return train_word_tokenizer([f"w{i}" for i in range(size - 5)], image_token="<im_patch>")
 
 
-def _llava_original_dir(tmp_path, llava, embed_tower: bool, weights: str = "bin"):
+def _legacy_llama_tokenizer(size: int):
+    """A legacy Llama tokenizer (vicuna-7b-v1.5's setting, which LLaVA-1.5 uses) of exactly `size` ids, without
+    ``<image>``: single characters, byte fallback for the newline."""
+    from transformers import LlamaTokenizer
+
+    pieces = ["<unk>", "<s>", "</s>", "<0x0A>", "▁", *dict.fromkeys("abcdefghijklmnopqrstuvwxyzUSERAT:?")]
+    pieces += [f"▁w{i}" for i in range(size - len(pieces))]
+    return LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], legacy=True)
+
+
+def _llava_original_dir(tmp_path, llava, embed_tower: bool, weights: str = "bin", tokenizer=None):
     """Write `llava` (llava-hf, transformers names) in the original LLaVA-1.5 layout, by LLaVA's module names:
     LlavaLlamaForCausalLM keeps the Llama names, the projector is ``model.mm_projector`` (Sequential: 0 Linear,
     1 GELU, 2 Linear) and the tower ``model.vision_tower.vision_tower`` (a CLIPVisionModel, saved before
@@ -61,7 +71,7 @@ def _llava_original_dir(tmp_path, llava, embed_tower: bool, weights: str = "bin"
               "mm_vision_select_feature": "patch", "mm_hidden_size": 32, "image_aspect_ratio": "pad",
               "mm_use_im_start_end": False, "tokenizer_model_max_length": 512}
     (out / "config.json").write_text(json.dumps(config))
-    _word_tokenizer(VOCAB).save_pretrained(out)
+    (tokenizer or _word_tokenizer(VOCAB)).save_pretrained(out)
     return out
 
 
@@ -89,6 +99,20 @@ def test_llava_original_layout_matches_llava_hf_logits(tmp_path, embed_tower, we
     direct = zoo.load(src)  # zoo.load reads the released layout too (the tower from the config's mm_vision_tower)
     assert torch.equal(zoo_logits(direct, ids, mask, pixels), zoo_logits(model, ids, mask, pixels))
     assert reloaded.encode_prompt("w3 w4").count(image_id) == 1
+
+
+def test_a_legacy_llava_tokenizer_keeps_llavas_prompt_ids_through_zoo_convert(tmp_path):
+    """LLaVA tokenizes the text after ``<image>`` as a new chunk (``▁ <0x0A> ...``); a legacy Llama tokenizer does
+    the same after the ``<image>`` special token, and a zoo checkpoint must keep it legacy (transformers 5 drops the
+    flag when saving; `bench/llava_parity.py` compares with LLaVA's own ``tokenizer_image_token``)."""
+    src = _llava_original_dir(tmp_path, tiny_llava(), True, "safetensors", _legacy_llama_tokenizer(VOCAB))
+    prompt = "USER: <image>\nwhat? ASSISTANT:"
+    direct = from_released(src).tokenizer
+    ids = direct(prompt).input_ids
+    tokens = direct.convert_ids_to_tokens(ids)
+    assert tokens[tokens.index("<image>") + 1:][:3] == ["\u2581", "<0x0A>", "w"]
+    convert_checkpoint(src, tmp_path / "zoo")
+    assert zoo.load(tmp_path / "zoo").tokenizer(prompt).input_ids == ids
 
 
 def test_llava_hf_directory_converts_too(tmp_path):

@@ -9,6 +9,7 @@ import io
 import json
 import warnings
 
+import numpy as np
 import open_clip
 import pytest
 import timm
@@ -317,3 +318,20 @@ def test_named_experts_in_a_model_config_expand_and_round_trip():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match=r"^vision\[1\]\.expert: unknown vision expert 'dino'"):
         ModelConfig.from_dict({"vision": [{"expert": "clip-vit-l-14-336-tiny"}, {"expert": "dino"}]})
+
+
+@pytest.mark.parametrize("width, height", [(56, 28), (28, 56), (56, 27)])
+def test_pad_resize_letterboxes_like_llava(width, height):
+    """LLaVA-1.5's ``pad``: the image centred on a square of the mean colour, truncated to integers as LLaVA's
+    ``expand2square`` and transformers' LlavaImageProcessor do (rounding would move every padding pixel by one grey
+    level). Images whose long side is the expert's resolution need no resampling, so the padding alone is compared."""
+    from transformers import LlavaImageProcessor
+
+    expert = build_encoder(expert_config("clip-vit-l-14-336-tiny", resize="pad"))
+    size = expert.image_size
+    processor = LlavaImageProcessor(do_pad=True, size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                    image_mean=list(expert.mean), image_std=list(expert.std))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    reference = processor(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(expert.preprocess([image]), reference, rtol=0, atol=1e-6)

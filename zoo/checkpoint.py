@@ -44,7 +44,21 @@ def save_checkpoint(model: ZooModel, directory: str | Path) -> Path:
     os.replace(tmp, directory / WEIGHTS_NAME)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(directory)
+        _keep_legacy_flag(model.tokenizer, directory)
     return directory
+
+
+def _keep_legacy_flag(tokenizer, directory: Path) -> None:
+    """transformers 5 leaves a Llama tokenizer's ``legacy`` setting out of the ``tokenizer_config.json`` it saves and
+    reloads it as ``legacy=False``, which tokenizes the text after a special token differently (LLaVA-1.5's vicuna
+    tokenizer is legacy: ``<image>`` then ``\n`` gives ``▁ <0x0A>``, LLaVA's own prompt ids). Write it back."""
+    legacy = getattr(tokenizer, "legacy", None)
+    path = directory / "tokenizer_config.json"
+    if legacy is None or not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("legacy") != legacy:
+        path.write_text(json.dumps({**config, "legacy": legacy}, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_checkpoint_config(directory: Path) -> ModelConfig:
