@@ -21,6 +21,63 @@ Safetensors are preferred; ``.bin`` / ``.pt`` files are read with ``torch.load(w
 
 >>> model = zoo.released.from_released("path/to/llava-v1.5-7b", vision_tower="path/to/clip-vit-large-patch14-336")
 >>> zoo.released.convert_checkpoint("path/to/MoE-LLaVA-Phi2-2.7B-4e", "runs/moe-llava-phi2")   # `zoo convert`
+
+Where each name and rule was read from
+--------------------------------------
+``llava``: checked against LLaVA's own code, not only its files: `bench/llava_parity.py` builds a model with PyPI's
+``llava-torch`` 1.2.2.post1 (``LlavaLlamaForCausalLM``, ``initialize_vision_modules``, ``save_pretrained``), and
+``zoo.load`` / ``zoo convert`` give its logits to within 2e-6 (README). MoE-LLaVA and CuMo are not on PyPI; their
+names and rules were read from their repositories (MoE-LLaVA: PKU-YuanGroup/MoE-LLaVA at 6cb5f66; CuMo:
+SHI-Labs/CuMo at 6cd979a; DeepSpeed: microsoft/DeepSpeed at tag v0.9.5, the version MoE-LLaVA's pyproject.toml
+pins for its MoE layer), and `tests/test_released_gating.py` checks the zoo's gating on examples worked by hand
+from the rules below.
+
+MoE-LLaVA
+
+- ``model_type`` ``moe_llava_phi`` / ``moe_llava_stablelm`` / ``moe_llava_qwen``: the ``AutoConfig.register`` calls
+  of ``moellava/model/language_model/llava_{phi,stablelm,qwen}_moe.py``.
+- ``moe`` config block (``moe_layers_idx``, ``num_experts`` per layer, ``top_k_experts``, ``capacity_factor``,
+  ``eval_capacity_factor``, ``min_capacity``, ``router_aux_loss_coef``, ``use_residual``): ``MoELLaVAPhiConfig``
+  and ``initialize_moe_modules`` in ``llava_phi_moe.py`` (the siblings match); ``moe_mode`` ``sparse`` = layers
+  ``range(L)[::2]`` there; training defaults in ``moellava/train/train.py`` (``eval_capacity_factor`` 2.0,
+  ``min_capacity`` 0, coefficient 0.01) and ``scripts/v1/phi2/finetune_moe.sh`` (4 experts, top-2, capacity 1.5).
+- Tensor names: ``initialize_moe_modules`` replaces ``model.layers[i].mlp`` by DeepSpeed's ``MoE(hidden_size,
+  expert=mlp, ...)``, whose ``deepspeed/moe/layer.py`` holds ``deepspeed_moe`` (a ``MOELayer``), whose gate is
+  ``TopKGate.wg`` (``sharded_moe.py``: ``Linear(model_dim, num_experts, bias=False)``) and whose experts are
+  ``experts.deepspeed_experts.{e}`` (``experts.py``: deep copies of the dense MLP, so its own names inside);
+  hence ``model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight`` and
+  ``model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.<mlp names>`` (`zoo.lm.interop`). The
+  projector ``model.mm_projector.image_spatial_proj.*`` and ``image_projector_type``: ``build_projector`` in
+  ``moellava/model/multimodal_projector/builder.py``; the tower ``model.image_tower.image_tower.*`` and
+  ``mm_image_tower``: ``moellava/model/llava_arch.py`` and ``multimodal_encoder/clip_encoder.py``.
+- Gating (DeepSpeed v0.9.5 ``sharded_moe.py``: ``top2gating``, ``_capacity``, ``TopKGate.forward``): softmax of
+  the fp32 router logits; first expert the argmax; capacity ``max(min_capacity, ceil(T / E * 2 * cf))`` with
+  ``eval_capacity_factor`` outside training, over all ``T = B * S`` positions; an expert's buffer takes every first
+  choice in token order, then the second choices; slots past the capacity are dropped; the two gates are
+  renormalised over the slots kept (a token left with one expert weighs 1 on it); balance loss
+  ``E^2 * mean_e(mean_t p_te * share of first choices on e)``, before dropping, summed over the layers and scaled by
+  ``router_aux_loss_coef`` (``llava_phi_moe.py`` forward). Two differences, on purpose: DeepSpeed v0.9.5 picks the
+  second expert by Gumbel sampling in training *and* at inference (so a released model answers differently from run
+  to run), the zoo deterministically (``second_expert_sampling`` samples in training only); and padding positions,
+  which DeepSpeed routes and counts against the capacity, are kept out of routing.
+
+CuMo
+
+- Config keys ``mm_projector_type: smoe_mlp``, ``num_experts``, ``num_selected``, ``balance_loss_coef``,
+  ``router_z_loss_coef``, ``mlp_smoe``, ``clip_smoe``, ``scales``: ``ModelArguments`` and the ``model.config``
+  assignments of ``cumo/train/train.py``.
+- MLP-MoE tensors ``model.mm_projector.gate.weight`` [E, C] and ``model.mm_projector.experts.{e}.{0,2}.*``:
+  ``MLPMoE`` in ``cumo/model/multimodal_projector/builder.py`` (``gate = Linear(mm_channels, E, bias=False)``,
+  experts ``Sequential(Linear, GELU, Linear)``).
+- CLIP-MoE tensors ``model.vision_tower.vision_model.encoder.layers.{i}.gate.weight`` and
+  ``...experts.{e}.fc1/fc2.*``, no ``post_layernorm``: ``CLIPEncoderMoELayer`` / ``CLIPSMoEVisionTransformer`` in
+  ``cumo/model/multimodal_encoder/clip_smoe.py`` (the post-layernorm is commented out), held as ``vision_model``
+  by ``clip_encoder.py``.
+- Gating (``MLPMoE.forward``, ``CLIPEncoderMoELayer.forward``): softmax in fp32, top-``num_selected``, the weights
+  divided by their sum; no capacity, nothing dropped; balance ``E^2 * mean_{b,e}(P_be * F_be)`` per image ``b``
+  (``P`` its mean probabilities, ``F`` the share of its tokens whose first choice is ``e``); z-loss
+  ``mean_t logsumexp(z_t)^2``; the CLIP-MoE's losses averaged over its layers (``torch.stack(...).mean()``); both
+  scaled by the coefficients in ``cumo/model/language_model/llava_mistral.py``.
 """
 
 from __future__ import annotations
