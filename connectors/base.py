@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from zoo.config import ConnectorConfig
+from zoo.config import ConfigError, ConnectorConfig
 from zoo.moe.layer import RoutingStats
 from zoo.registry import Registry
 
@@ -67,6 +67,6 @@ def build_connector(config: ConnectorConfig, in_dim: int | list[int], out_dim: i
             return cls(config, list(in_dim), out_dim)
         return PerExpertConnector(config, list(in_dim), out_dim)
     if getattr(cls, "requires_multi_expert", False):
-        raise ValueError(f"connector.kind: {config.kind!r} needs several vision experts fused by sequence "
-                         "(vision: [...], fusion.mode: sequence)")
+        raise ConfigError(f"connector.kind: {config.kind!r} needs several vision experts fused by sequence "
+                          "(vision: [...], fusion.mode: sequence)")
     return cls(config, in_dim, out_dim)

@@ -25,8 +25,8 @@ def hidden_state_to_block(feature_layer: int, depth: int, field: str = "vision.f
     """
     index = feature_layer if feature_layer >= 0 else depth + 1 + feature_layer
     if not 1 <= index <= depth:
-        raise ValueError(f"{field}: {feature_layer} is out of range for a {depth}-block encoder "
-                         f"(valid: 1..{depth} or -{depth}..-1)")
+        raise ConfigError(f"{field}: {feature_layer} is out of range for a {depth}-block encoder "
+                          f"(valid: 1..{depth} or -{depth}..-1)")
     return index - 1
 
 

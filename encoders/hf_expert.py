@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from zoo.config import VisionConfig
+from zoo.config import ConfigError, VisionConfig
+from zoo.errors import MissingWeightsError
 from zoo.hf import config_to_dict
 
 from .base import ENCODERS, VisionExpert, hidden_state_to_block
@@ -23,21 +24,22 @@ def _vision_config(config: VisionConfig):
 
     if config.pretrained:
         if not config.name:
-            raise ValueError("vision.name: a hub id or local dir is required when vision.pretrained is true")
+            raise ConfigError("vision.name: a hub id or local dir is required when vision.pretrained is true")
         try:
             cfg = AutoConfig.from_pretrained(config.name)
         except OSError as e:
-            raise OSError(f"vision.name: cannot resolve {config.name!r} locally or in the offline cache: {e}") from e
+            raise MissingWeightsError(f"vision.name: cannot resolve {config.name!r} locally or in the offline cache: "
+                                      f"{e}") from e
         return getattr(cfg, "vision_config", cfg)
     kwargs = dict(config.kwargs)
     model_type = kwargs.pop("model_type", None)
     if not model_type:
-        raise ValueError("vision.kwargs.model_type: required for kind 'hf' without pretrained weights "
-                         "(e.g. clip_vision_model, siglip_vision_model)")
+        raise ConfigError("vision.kwargs.model_type: required for kind 'hf' without pretrained weights "
+                          "(e.g. clip_vision_model, siglip_vision_model)")
     try:
         return AutoConfig.for_model(model_type, **kwargs)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"vision.kwargs: transformers rejected the vision config: {e}") from e
+        raise ConfigError(f"vision.kwargs: transformers rejected the vision config: {e}") from e
 
 
 # Modules of a transformers vision tower that act after its last encoder layer (or on masked inputs only), so never
@@ -68,8 +70,8 @@ class HFVisionTower(VisionExpert):
             try:
                 self.model = AutoModel.from_pretrained(config.name, config=vcfg)
             except OSError as e:
-                raise OSError(f"vision.name: cannot load the weights of {config.name!r} from a local dir or the "
-                              f"offline cache: {e}") from e
+                raise MissingWeightsError(f"vision.name: cannot load the weights of {config.name!r} from a local dir "
+                                          f"or the offline cache: {e}") from e
         else:
             self.model = AutoModel.from_config(vcfg)
         self.hf_config = vcfg

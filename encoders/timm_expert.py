@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.config import VisionConfig
+from zoo.config import ConfigError, VisionConfig
 
 from .base import ENCODERS, VisionExpert, hidden_state_to_block
 
@@ -26,16 +26,16 @@ class TimmExpert(VisionExpert):
         import timm.data
 
         if not config.name:
-            raise ValueError("vision.name: a timm model name is required for kind 'timm'")
+            raise ConfigError("vision.name: a timm model name is required for kind 'timm'")
         kwargs = dict(config.kwargs)
         kwargs.setdefault("num_classes", 0)
         try:
             self.model = _create(timm, config, kwargs)
         except Exception as e:  # timm raises RuntimeError/TypeError/hub errors; name the config fields instead
-            raise ValueError(f"vision: timm.create_model({config.name!r}, pretrained={config.pretrained}, "
-                             f"**{kwargs}) failed: {e}") from e
+            raise ConfigError(f"vision: timm.create_model({config.name!r}, pretrained={config.pretrained}, "
+                              f"**{kwargs}) failed: {e}") from e
         if not hasattr(self.model, "forward_intermediates"):
-            raise ValueError(f"vision.name: timm model {config.name!r} has no forward_intermediates")
+            raise ConfigError(f"vision.name: timm model {config.name!r} has no forward_intermediates")
         data_cfg = timm.data.resolve_model_data_config(self.model)
         self.image_size = int(config.image_size or data_cfg["input_size"][-1])
         self.mean = tuple(config.mean or data_cfg["mean"])
@@ -50,8 +50,8 @@ class TimmExpert(VisionExpert):
             stages = self.model.feature_info
             n = len(stages)
             if not -n <= config.feature_layer < n:
-                raise ValueError(f"vision.feature_layer: {config.feature_layer} is out of range for "
-                                 f"{config.name!r} with {n} feature stages (valid: 0..{n - 1} or -{n}..-1)")
+                raise ConfigError(f"vision.feature_layer: {config.feature_layer} is out of range for "
+                                  f"{config.name!r} with {n} feature stages (valid: 0..{n - 1} or -{n}..-1)")
             self.index = config.feature_layer % n
             info = stages[self.index]
             self.width = int(info["num_chs"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from zoo.config import ConfigError, ModelConfig
+from zoo.errors import MissingWeightsError
 from zoo.registry import Registry, UnknownPartError
 
 CATALOGUE: Registry[Path] = Registry("model")
@@ -86,8 +87,8 @@ def resolve_hub_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir,
                                       allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as e:  # huggingface_hub raises several error types for "not available offline"
-        raise OSError(f"{repo_id!r}: not a local directory and not available from the hub or its offline cache "
-                      f"({type(e).__name__}: {e})") from e
+        raise MissingWeightsError(f"{repo_id!r}: not a local directory and not available from the hub or its offline "
+                                  f"cache ({type(e).__name__}: {e})") from e
 
 
 def load_dir(directory: str | Path, device: str | torch.device | None = None):

@@ -3,9 +3,9 @@
 `UserError` marks an exception whose message is a complete sentence about something the user gave: a config
 value, a file, a name, a data set, an argument. Every such class of the zoo derives from it (`ConfigError`,
 `UnknownPartError`, `CheckpointError`, `ReleasedCheckpointError`, `BenchmarkDataError`, `ImageError`,
-`DataFileError`, `UsageError`), so the ``zoo`` command prints it on one line (``zoo train: error: <the sentence>``)
-and exits 2, while any other exception, a bug, keeps its traceback. Python callers catch the specific class (or
-`UserError` for all of them).
+`DataFileError`, `MissingWeightsError`, `UsageError`), so the ``zoo`` command prints it on one line
+(``zoo train: error: <the sentence>``) and exits 2, while any other exception, a bug, keeps its traceback. Python
+callers catch the specific class (or `UserError` for all of them).
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ class UserError(Exception):
 class DataFileError(UserError, ValueError):
     """A data file that cannot be read at all (not JSON, not a shard); bad records in a readable file are counted
     skips instead."""
+
+
+class MissingWeightsError(UserError, OSError):
+    """A named pretrained part (tokenizer, LM, vision tower, hub checkpoint) that is neither a local directory nor
+    in the offline cache."""
 
 
 class UsageError(UserError, ValueError):

@@ -390,7 +390,10 @@ def from_released(directory: str | Path, vision_tower: str | None = None, tokeni
     if layout == "moe-llava":
         from zoo.lm.interop import import_moe_llava_state_dict
 
-        state = import_moe_llava_state_dict(model.lm, state)
+        try:
+            state = import_moe_llava_state_dict(model.lm, state)
+        except ValueError as e:  # a tensor of the checkpoint that does not fit the policy its config describes
+            raise ReleasedCheckpointError(str(e)) from e
     else:
         lm_state = {k: state.pop(k) for k in list(state) if k.startswith("model.") or k == "lm_head.weight"}
         if getattr(model.lm.config, "tie_word_embeddings", False):

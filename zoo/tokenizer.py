@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from zoo.config import TokenizerConfig
+from zoo.config import ConfigError, TokenizerConfig
+from zoo.errors import MissingWeightsError
 from zoo.registry import Registry
 
 CORPORA: Registry[Callable[[], Iterable[str]]] = Registry("corpus")
@@ -50,12 +51,13 @@ def build_tokenizer(config: TokenizerConfig, path: str | None = None):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except OSError as e:
-            raise OSError(f"tokenizer: cannot load {source!r} from a local dir or the offline cache: {e}") from e
+            raise MissingWeightsError(f"tokenizer: cannot load {source!r} from a local dir or the offline cache: "
+                                      f"{e}") from e
     elif config.train_on:
         texts = CORPORA.get(config.train_on, field="tokenizer.train_on")()
         tokenizer = train_word_tokenizer(texts, config.image_token)
     else:
-        raise ValueError("tokenizer: set tokenizer.name (hub id or dir) or tokenizer.train_on (a corpus name)")
+        raise ConfigError("tokenizer: set tokenizer.name (hub id or dir) or tokenizer.train_on (a corpus name)")
     if config.image_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
     if tokenizer.pad_token is None:

@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from zoo.config import LMConfig
+from zoo.config import ConfigError, LMConfig
+from zoo.errors import MissingWeightsError
 from zoo.hf import config_to_dict
 from zoo.registry import Registry
 
@@ -28,28 +29,34 @@ def build_hf_causal_lm(config: LMConfig, vocab_size: int | None = None) -> nn.Mo
         extra["attn_implementation"] = config.attn_implementation
     if config.pretrained:
         if not config.name:
-            raise ValueError("lm.name: a hub id or local dir is required when lm.pretrained is true")
+            raise ConfigError("lm.name: a hub id or local dir is required when lm.pretrained is true")
         try:
             return AutoModelForCausalLM.from_pretrained(config.name, **extra)
         except OSError as e:
-            raise OSError(f"lm.name: cannot load {config.name!r} from a local dir or the offline cache: {e}") from e
+            raise MissingWeightsError(f"lm.name: cannot load {config.name!r} from a local dir or the offline cache: "
+                                      f"{e}") from e
     if config.config:
         kwargs = dict(config.config)
         model_type = kwargs.pop("model_type", None)
         if not model_type:
-            raise ValueError("lm.config.model_type: required (e.g. llama, qwen2, mistral, phi)")
+            raise ConfigError("lm.config.model_type: required (e.g. llama, qwen2, mistral, phi)")
         if vocab_size is not None:
             declared = kwargs.setdefault("vocab_size", vocab_size)
             if declared < vocab_size:
-                raise ValueError(f"lm.config.vocab_size: {declared} is smaller than the tokenizer ({vocab_size} tokens)")
+                raise ConfigError(f"lm.config.vocab_size: {declared} is smaller than the tokenizer "
+                                  f"({vocab_size} tokens)")
         try:
             hf_config = AutoConfig.for_model(model_type, **kwargs)
         except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"lm.config: transformers rejected the config: {e}") from e
+            raise ConfigError(f"lm.config: transformers rejected the config: {e}") from e
     elif config.name:
-        hf_config = AutoConfig.from_pretrained(config.name)
+        try:
+            hf_config = AutoConfig.from_pretrained(config.name)
+        except OSError as e:
+            raise MissingWeightsError(f"lm.name: cannot read the config of {config.name!r} from a local dir or the "
+                                      f"offline cache: {e}") from e
     else:
-        raise ValueError("lm: set lm.name (hub id or dir) or lm.config (a transformers config dict)")
+        raise ConfigError("lm: set lm.name (hub id or dir) or lm.config (a transformers config dict)")
     return AutoModelForCausalLM.from_config(hf_config, **extra)
 
 
