@@ -45,11 +45,13 @@ class BadSample(ValueError):
 @dataclass
 class Conversation:
     """One training sample: ``turns`` are ``(role, text)`` with role ``system`` / ``user`` / ``assistant``; ``images``
-    are paths, raw bytes or PIL images, one per ``<image>`` placeholder in the text, in order."""
+    are paths, raw bytes or PIL images, one per ``<image>`` placeholder in the text, in order; ``labels``: facts
+    known about the sample by task (easy-vqa captions: ``colour``, ``shape``), which probes read."""
 
     id: str
     turns: list[tuple[str, str]]
     images: list[str | Path | bytes | Image.Image] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -349,7 +351,9 @@ class ConversationStream(IterableDataset):
     """Encoded training items from one or several sources of `Conversation` (lists or re-iterable callables),
     mixed with ``weights`` (default: in proportion to their sizes for lists, equal otherwise).
 
-    Each item is ``(sample id, input_ids, labels, pixel_values of its images or None)``; bad samples are skipped and
+    Each item is ``(sample id, input_ids, labels, pixel_values of its images or None)`` (with ``features``, a
+    `zoo.encoders.FeatureCache` of the model's frozen vision tower: the images' cached features instead of pixels,
+    encoded once per distinct image and batched as ``image_features``); bad samples are skipped and
     counted in ``skipped`` (reason -> ids) and logged; if more than ``warn_ratio`` of the samples seen were skipped,
     a warning says so. Iterating once goes through every source once (``epochs`` times), sources drawn at random by
     weight (seeded) until all are exhausted.
@@ -357,7 +361,7 @@ class ConversationStream(IterableDataset):
 
     def __init__(self, model: ZooModel, sources: Sequence[Sequence[Conversation] | Callable[[], Iterable]],
                  weights: Sequence[float] | None = None, template: str = "vicuna_v1", seed: int = 0,
-                 epochs: int = 1, warn_ratio: float = 0.05):
+                 epochs: int = 1, warn_ratio: float = 0.05, features=None):
         TEMPLATES.get(template, field="template")
         if weights is not None and len(weights) != len(sources):
             raise ValueError(f"weights: {len(weights)} weights for {len(sources)} sources")
@@ -365,6 +369,7 @@ class ConversationStream(IterableDataset):
         self.weights = list(weights) if weights is not None else [
             float(len(s)) if hasattr(s, "__len__") else 1.0 for s in self.sources]
         self.seed, self.epochs, self.warn_ratio = seed, epochs, warn_ratio
+        self.features = features
         self.skipped = SkipCounter()
         self.seen = 0
         self.start = {"raw": 0, "valid": 0, "valid_end": 0}  # where iteration begins (`load_state_dict`)
@@ -390,7 +395,11 @@ class ConversationStream(IterableDataset):
         encoded = encode_conversation(self.model, sample, self.template)
         pixels = None
         if sample.images:
-            pixels = self.model.vision.preprocess([load_image(im) for im in sample.images])
+            images = [load_image(im) for im in sample.images]
+            if self.features is not None:
+                pixels = self.features.get(images, add_missing=True)
+            else:
+                pixels = self.model.vision.preprocess(images)
         return sample.id, encoded.input_ids, encoded.labels, pixels
 
     def state_dict(self, position: dict | None = None) -> dict:
@@ -444,11 +453,14 @@ class ConversationStream(IterableDataset):
             n, v = batch[-1][4]
             out["data_position"] = {"raw": n + 1, "valid": v + 1, "valid_end": (v // world + 1) * world}
         pixels = [item[3] for item in batch if item[3] is not None]
+        key = "image_features" if self.features is not None else "pixel_values"
         if pixels:
             if isinstance(pixels[0], dict):
-                out["pixel_values"] = {k: torch.cat([p[k] for p in pixels]) for k in pixels[0]}
+                out[key] = {k: torch.cat([p[k] for p in pixels]) for k in pixels[0]}
+            elif isinstance(pixels[0], list):  # sequence-fused experts' cached features: one tensor per expert
+                out[key] = [torch.cat(part) for part in zip(*pixels)]
             else:
-                out["pixel_values"] = torch.cat(pixels)
+                out[key] = torch.cat(pixels)
         return out
 
 

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from zoo.config import ConfigError, ModelConfig
+from zoo.config import ConfigError, ModelConfig, configs_dir
 from zoo.registry import Registry, UnknownPartError
 
 CATALOGUE: Registry[Path] = Registry("model")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def configs_dir() -> Path:
-    """Where the catalogue lives: ``$ZOO_CONFIGS`` or the repository's ``configs/`` folder."""
-    return Path(os.environ.get("ZOO_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 
 
 def _scan() -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 
@@ -53,11 +52,25 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_progress() -> None:
+    """Show the zoo's own INFO messages (stage starts and ends, skips, caches, probes) on stderr."""
+    import logging
+
+    logger = logging.getLogger("zoo")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("zoo: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # printed once, whatever handlers a dependency put on the root logger
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from zoo.train.recipe import load_recipe, run_recipe
 
+    _log_progress()
     recipe = load_recipe(args.recipe, args.set)
     run_dir = args.run_dir or str(Path("runs") / recipe.name)
     run_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
@@ -115,14 +128,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from zoo.train.demo import DEMO_MOE_POLICY, DEMO_MOE_TRAINING, DEMO_TRAINING, run_demo
+    from zoo.train.demo import run_demo
 
-    training = DEMO_TRAINING if args.steps is None else dataclasses.replace(DEMO_TRAINING, steps=args.steps)
-    moe_steps = args.moe_steps if args.moe_steps is not None else (
-        DEMO_MOE_TRAINING.steps if args.steps is None else max(1, args.steps // 3))
-    moe_training = dataclasses.replace(DEMO_MOE_TRAINING, steps=moe_steps)
-    run_demo(args.model, out_dir=args.out, training=training, eval_limit=args.limit,
-             moe_policy=None if args.dense else DEMO_MOE_POLICY, moe_training=moe_training)
+    _log_progress()
+    run_demo(out_dir=args.out, recipe=args.recipe, overrides=args.set, eval_limit=args.limit,
+             progress=not args.no_progress, resume=args.resume)
     return 0
 
 
@@ -195,14 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_analyze)
-    p = sub.add_parser("demo", help="train and evaluate the demo model on easy-vqa")
-    p.add_argument("--model", default="tiny-llava")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None, help="dense-stage optimizer steps (default: the demo schedule)")
-    p.add_argument("--moe-steps", type=int, default=None,
-                   help="MoE-tuning steps after upcycling (default: the demo schedule, or --steps // 3)")
-    p.add_argument("--dense", action="store_true", help="skip upcycling and MoE-tuning (a dense model)")
+    p = sub.add_parser("demo", help="the easy-vqa recipe (open_clip vision pretraining, align, instruct, MoE-tune), "
+                       "then the dense and the sparse model on the whole test split")
+    p.add_argument("--out", default="runs/demo", help="the run directory (stages, exports, results.json)")
+    p.add_argument("--recipe", default=None, help="default: configs/recipes/easy-vqa.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. stages.2.train.steps=3000 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="load the stages a previous run finished")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test questions only")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("eval", help="evaluate a model on benchmarks in their released formats (zoo.eval)")
     p.add_argument("model", help="checkpoint directory, hub id or catalogue name")
