@@ -46,7 +46,7 @@ from zoo.model import ZooModel
 
 from .conversations import BadSample, load_image
 from .data import SkipCounter
-from .module import TrainConfig, adamw_with_schedule, fit
+from .module import TrainConfig, adamw_with_schedule, fit, without_log_lines
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,9 @@ def create_clip(vision: VisionConfig, loss: str = "clip"):
         raise ConfigError(f"vision.name: {vision.name!r} is not an open_clip model config (open_clip.list_models(); "
                           "the zoo's own are in configs/open_clip)")
     kwargs = {"init_logit_bias": -10.0} if loss == "siglip" else {}
-    model = open_clip.create_model(vision.name, pretrained=vision.kwargs.get("pretrained_tag") if vision.pretrained
-                                   else None, **kwargs)
+    tag = vision.kwargs.get("pretrained_tag") if vision.pretrained else None
+    with without_log_lines(logging.getLogger(), ("No pretrained weights loaded",)):  # random on purpose
+        model = open_clip.create_model(vision.name, pretrained=tag, **kwargs)
     if model_cfg is None:  # local-dir / hf-hub: the checkpoint's own config
         from zoo.encoders.open_clip_expert import _source
 

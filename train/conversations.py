@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -302,48 +303,62 @@ def write_webdataset(samples: Iterable[Conversation], pattern: str, maxcount: in
     return n
 
 
-def _flat_args(args) -> Iterator:
-    for a in args:
-        if isinstance(a, tuple):
-            yield from _flat_args(a)
-        else:
-            yield a
+def shard_urls(urls: str | Sequence[str]) -> list[str]:
+    """The shard urls of a webdataset source: brace patterns (``train-{00000..00003}.tar``) and ``::`` lists
+    expanded as webdataset expands them."""
+    from webdataset.shardlists import expand_urls
+
+    return [u for url in ([urls] if isinstance(urls, str) else urls) for u in expand_urls(url)]
+
+
+def _tar_complete(path: Path) -> bool:
+    """Whether a tar file ends with its end-of-archive marker (two zero blocks): a file cut at a member boundary
+    reads without an error, so the missing marker is what tells it was truncated."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 1024:
+                return False
+            f.seek(-1024, os.SEEK_END)
+            return f.read(1024) == bytes(1024)
+    except OSError:
+        return False
 
 
 def read_webdataset(urls: str | Sequence[str], skipped: SkipCounter | None = None) -> Iterator[Conversation]:
     """Conversations from webdataset shards written by `write_webdataset` (or LLaVA-style shards with ``json`` +
-    ``jpg``/``png``). A truncated shard or a malformed record is skipped and counted; reading goes on."""
+    ``jpg``/``png``), shard by shard, so that a truncated or unreadable shard is skipped and counted under its own
+    url (a local shard without its end-of-archive marker counts as truncated even where the tar reads cleanly up to
+    the cut); a malformed record is skipped and counted under its key; reading goes on."""
     import webdataset as wds
 
     skipped = skipped if skipped is not None else SkipCounter()
+    for url in shard_urls(urls):
+        failed = []
 
-    shards = [urls] if isinstance(urls, str) else list(urls)
-    last_url = [shards[0] if shards else "?"]
+        def on_error(exn: Exception, url: str = url, failed: list = failed) -> bool:
+            failed.append(exn)
+            skipped.skip(f"unreadable shard data ({type(exn).__name__}: truncated or corrupt tar)", url)
+            return True  # keep going with the next shard
 
-    def on_error(exn: Exception) -> bool:
-        # webdataset appends the shard's url to the exception's args (at one level or another); else the last one read
-        found = [a for a in _flat_args(exn.args) if isinstance(a, str) and (a in shards or a.endswith(".tar"))]
-        skipped.skip(f"unreadable shard data ({type(exn).__name__}: truncated or corrupt tar)",
-                     found[-1] if found else last_url[0])
-        return True  # keep going
-
-    dataset = wds.WebDataset(urls, handler=on_error, shardshuffle=False, empty_check=False)
-    for raw in dataset:
-        last_url[0] = raw.get("__url__", last_url[0])
-        key = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
-        try:
-            record = json.loads(raw["json"])
-            sample = parse_llava_record(record, where=key)
-        except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            skipped.skip(f"malformed JSON record ({type(e).__name__})", key)
-            continue
-        except BadSample as e:
-            skipped.skip(str(e), key)
-            continue
-        images = [raw[k] for k in sorted(k for k in raw if k.endswith(".img"))]
-        images += [raw[k] for k in ("jpg", "png", "jpeg") if k in raw and not images]
-        sample.images = images
-        yield sample
+        for raw in wds.WebDataset(url, handler=on_error, shardshuffle=False, empty_check=False):
+            key = f"{raw.get('__url__', url)}:{raw.get('__key__', '?')}"
+            try:
+                record = json.loads(raw["json"])
+                sample = parse_llava_record(record, where=key)
+            except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                skipped.skip(f"malformed JSON record ({type(e).__name__})", key)
+                continue
+            except BadSample as e:
+                skipped.skip(str(e), key)
+                continue
+            images = [raw[k] for k in sorted(k for k in raw if k.endswith(".img"))]
+            images += [raw[k] for k in ("jpg", "png", "jpeg") if k in raw and not images]
+            sample.images = images
+            yield sample
+        local = Path(url[5:] if url.startswith("file:") else url)
+        if not failed and local.is_file() and not _tar_complete(local):
+            skipped.skip("truncated shard (no end-of-archive marker)", url)
 
 
 # --------------------------------------------------------------------------------------------- the stream
@@ -465,4 +480,4 @@ class ConversationStream(IterableDataset):
 
 
 __all__ = ["BadSample", "Conversation", "ConversationStream", "TEMPLATES", "encode_conversation", "load_image",
-           "parse_llava_record", "read_llava_json", "read_webdataset", "write_webdataset"]
+           "parse_llava_record", "read_llava_json", "read_webdataset", "shard_urls", "write_webdataset"]

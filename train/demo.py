@@ -104,9 +104,10 @@ def _test_conversations(limit: int) -> list[Conversation]:
 
 def run_demo(out_dir: str | Path = "runs/demo", recipe: str | Path | None = None, overrides: list[str] | None = None,
              eval_limit: int | None = None, eval_batch_size: int = 256, progress: bool = True,
-             resume: bool = False) -> dict:
+             resume: bool = False, overwrite: bool = False, command: str | None = None) -> dict:
     """Run the demo recipe (default ``configs/recipes/easy-vqa.yaml``; ``overrides`` as ``zoo train --set``) in
-    ``out_dir``, evaluate the dense and the sparse model on the easy-vqa test split (all 9,673 questions unless
+    ``out_dir`` (``resume`` / ``overwrite`` an earlier run there, as `zoo.train.recipe.run_recipe` does; ``command``: the
+    command line that resumes, for the message of a run stopped by a signal), evaluate the dense and the sparse model on the easy-vqa test split (all 9,673 questions unless
     ``eval_limit``), report the expert load per routed layer split by image and text tokens, save the final model to
     ``out_dir/model``, reload it with ``zoo.load`` and check that it answers two test questions identically.
 
@@ -117,7 +118,7 @@ def run_demo(out_dir: str | Path = "runs/demo", recipe: str | Path | None = None
     config = load_recipe(recipe_path, overrides)
     clock = Clock()
     with clock.phase(f"recipe {config.name}: {len(config.stages)} stages"):
-        model = run_recipe(config, out_dir, resume=resume, progress=progress)
+        model = run_recipe(config, out_dir, resume=resume, overwrite=overwrite, progress=progress, command=command)
     info = json.loads((out_dir / "run.json").read_text())
     for name, stage in info["stages"].items():
         clock.phases[f"stage {name}"] = stage["seconds"]

@@ -133,6 +133,12 @@ class _MetricsLogger(L.pytorch.loggers.CSVLogger):
         super().__init__(run_dir, name="", version="", flush_logs_every_n_steps=1)
         self.resume_step = resume_step
 
+    def save(self) -> None:
+        from zoo.checkpoint import writing
+
+        with writing(Path(self.log_dir) / "metrics.csv"):  # a full disk is one line naming the file
+            super().save()
+
     @property
     def experiment(self):
         if self._experiment is not None or self.resume_step is None:
@@ -154,35 +160,41 @@ class _MetricsLogger(L.pytorch.loggers.CSVLogger):
         return writer
 
 
-class _LightningChatter(logging.Filter):
-    """Drops Lightning's per-run info lines that say nothing about the zoo's run: the litlogger advertisement, the
-    device summary (printed again for every stage) and the "max_steps reached" notice (the zoo reports each stage's
-    end itself). Everything else Lightning logs passes."""
+@contextlib.contextmanager
+def without_log_lines(logger: logging.Logger, prefixes: tuple[str, ...]):
+    """Drop ``logger``'s records whose message starts with one of ``prefixes`` (known notices that say nothing about
+    the zoo's run), for the duration of the block; everything else passes."""
 
-    NOISE = ("💡 Tip: For seamless cloud logging", "GPU available:", "TPU available:", "HPU available:",
-             "`Trainer.fit` stopped: `max_steps=")
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(prefixes)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOISE)
+    drop = Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+# Lightning's per-run info lines: the litlogger advertisement, the device summary (printed again for every stage) and
+# the "max_steps reached" notice (the zoo reports each stage's end itself)
+LIGHTNING_CHATTER = ("💡 Tip: For seamless cloud logging", "GPU available:", "TPU available:", "HPU available:",
+                     "`Trainer.fit` stopped: `max_steps=")
 
 
 @contextlib.contextmanager
 def _quiet_lightning():
-    """`_LightningChatter` on Lightning's rank-zero logger, and the FutureWarning torch raises each time Lightning's
+    """`LIGHTNING_CHATTER` off Lightning's rank-zero logger, and the FutureWarning torch raises each time Lightning's
     pytree helper builds a ``LeafSpec`` (lightning 2.6 with torch 2.14), for the duration of one ``fit``."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    chatter = _LightningChatter()
-    logger.addFilter(chatter)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                    category=FutureWarning)
-            # frozen vision experts stay in eval mode on purpose (VisionExpert.train); Lightning warns about it
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-            yield
-    finally:
-        logger.removeFilter(chatter)
+    with without_log_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero"), LIGHTNING_CHATTER), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        # frozen vision experts stay in eval mode on purpose (VisionExpert.train); Lightning warns about it
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+        yield
 
 
 def fit(model: torch.nn.Module, dataset, config: TrainConfig, run_dir: str | Path | None = None,

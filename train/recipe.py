@@ -26,6 +26,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -38,6 +39,7 @@ from typing import Any, Literal
 import yaml
 
 import zoo
+from zoo.checkpoint import write_text_atomic
 from zoo.config import ConfigError, SparsityConfig, from_dict, read_mapping, to_dict
 from zoo.model import ZooModel
 from zoo.registry import Registry
@@ -271,6 +273,49 @@ def build_source(config: SourceConfig, skipped: SkipCounter):
     return stream
 
 
+class DataSourceError(ConfigError):
+    """A data source's files are missing or unreadable; checked before anything trains."""
+
+    exit_code = 2  # the command line ends with this message and status
+
+
+def _local_path(url: str) -> Path | None:
+    """The file a shard url names, or None for remote ones (http(s), s3, pipe:, ...) that cannot be checked first."""
+    if url.startswith("file:"):
+        return Path(url[5:])
+    return None if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", url) else Path(url)
+
+
+def _unreadable(path: Path) -> str | None:
+    if not path.exists():
+        return "missing"
+    if not path.is_file() or not os.access(path, os.R_OK):
+        return "not a readable file"
+    return None
+
+
+def check_sources(recipe: RecipeConfig) -> None:
+    """Before the first step: every local shard of a webdataset source and every LLaVA JSON file exists and is
+    readable (remote shards are counted per shard while reading); the error names the source, the first bad file
+    and how many are bad."""
+    from .conversations import shard_urls
+
+    for name, source in recipe.data.items():
+        if source.kind == "llava-json" and source.path:
+            problem = _unreadable(Path(source.path))
+            if problem:
+                raise DataSourceError(f"data.{name}.path: {source.path} is {problem}")
+            if source.image_root and not Path(source.image_root).is_dir():
+                raise DataSourceError(f"data.{name}.image_root: {source.image_root} is not a directory")
+        elif source.kind == "webdataset" and source.urls:
+            bad = [(url, problem) for url in shard_urls(source.urls) if (local := _local_path(url)) is not None
+                   and (problem := _unreadable(local))]
+            if bad:
+                url, problem = bad[0]
+                raise DataSourceError(f"data.{name}.urls: {len(bad)} of {len(shard_urls(source.urls))} shard(s) "
+                                      f"missing or unreadable, the first: {url} ({problem})")
+
+
 def set_trainable(model: ZooModel, patterns: list[str]) -> int:
     """``requires_grad`` from part names or parameter-name globs (frozen vision experts stay frozen); returns the
     number of trainable parameters. A pattern that matches nothing is an error naming it."""
@@ -364,92 +409,123 @@ def _is_main_process() -> bool:
 
 
 def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-               callbacks: list | None = None) -> ZooModel:
-    """Run every stage of ``recipe`` in ``run_dir`` (see the module docstring); returns the final model. Under
-    data parallelism every rank trains and rank 0 writes the run directory. ``callbacks``: Lightning callbacks
-    added to every stage's trainer (their ``pl_module`` is the stage's module: a `ZooLightningModule`, or a
-    `zoo.train.contrastive.ContrastiveModule` in contrastive stages)."""
+               callbacks: list | None = None, overwrite: bool = False, command: str | None = None) -> ZooModel:
+    """Run every stage of ``recipe`` in ``run_dir`` (see the module docstring); returns the final model.
+
+    The run directory is owned (`zoo.train.run_dir`): one that holds a run is refused unless ``resume`` (the same
+    recipe; finished stages are loaded from their exports, an unfinished one continues from its newest checkpoint) or
+    ``overwrite`` (the earlier run's files are removed), and a lock keeps out a second process. Data sources are
+    checked before anything trains (`check_sources`). SIGTERM / SIGINT stop the run after the current step with a
+    checkpoint of it (`zoo.train.preemption.Interrupted`, whose message says how to resume: ``command`` is the
+    command line that resumes). Under data parallelism every rank trains and rank 0 writes the run directory.
+    ``callbacks``: Lightning callbacks added to every stage's trainer (their ``pl_module`` is the stage's module: a
+    `ZooLightningModule`, or a `zoo.train.contrastive.ContrastiveModule` in contrastive stages)."""
+    import torch
+
+    from .preemption import PreemptionGuard
+    from .run_dir import claim
+
+    run_dir = Path(run_dir)
+    check_sources(recipe)
+    resolved = yaml.safe_load(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    lock = claim(run_dir, resolved, resume, overwrite) if _is_main_process() else None
+    resume_command = command or f"run_recipe(..., {str(run_dir)!r}, resume=True)"
+    try:
+        with PreemptionGuard() as guard:
+            if lock is not None:
+                write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            info = {**_environment(), "recipe": recipe.name, "stages": {}}
+            torch.manual_seed(recipe.seed)
+            model = build_model(recipe)
+            skipped = SkipCounter()
+            sources = {name: build_source(cfg, skipped) for name, cfg in recipe.data.items()}
+            for i, stage in enumerate(recipe.stages):
+                guard.stop(f"before stage {stage.name}", f"resume with: {resume_command}")
+                _run_stage(model, recipe, i, run_dir, sources, skipped, info, resume, progress,
+                           [*(callbacks or [])], guard, resume_command)
+            if lock is not None:
+                write_text_atomic(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+    finally:
+        if lock is not None:
+            lock.release()
+    model.eval()
+    return model
+
+
+def _run_stage(model: ZooModel, recipe: RecipeConfig, i: int, run_dir: Path, sources: dict, skipped: SkipCounter,
+               info: dict, resume: bool, progress: bool, callbacks: list, guard, resume_command: str) -> None:
+    """One stage: its boundary actions, then (unless resumed from its export) training, export and records."""
     import torch
     import torch.distributed as dist
 
+    from zoo.checkpoint import CHECKSUMS_NAME
+
+    from .preemption import PreemptionCheckpoint
     from .routing import RoutingMonitor
 
-    run_dir = Path(run_dir)
+    stage = recipe.stages[i]
+    stage_dir = run_dir / f"{i:02d}-{stage.name}"
+    export, done = stage_dir / "model", stage_dir / "stage.json"
     main = _is_main_process()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    info = {**_environment(), "recipe": recipe.name, "stages": {}}
-    torch.manual_seed(recipe.seed)
-    model = build_model(recipe)
-    skipped = SkipCounter()
-    sources = {name: build_source(cfg, skipped) for name, cfg in recipe.data.items()}
-    for i, stage in enumerate(recipe.stages):
-        stage_dir = run_dir / f"{i:02d}-{stage.name}"
-        export, done = stage_dir / "model", stage_dir / "stage.json"
-        torch.manual_seed(recipe.seed + i)  # actions draw the same numbers whether earlier stages ran or were loaded
-        for action in stage.before:
-            ACTIONS.get(action.action, field=f"stages[{i}].before.action")(model, action)
-        if resume and done.exists():
-            from zoo.checkpoint import load_weights
+    torch.manual_seed(recipe.seed + i)  # actions draw the same numbers whether earlier stages ran or were loaded
+    for action in stage.before:
+        ACTIONS.get(action.action, field=f"stages[{i}].before.action")(model, action)
+    if resume and done.exists():
+        from zoo.checkpoint import load_weights
 
-            if stage.objective == "contrastive":  # the pretrained tower becomes the expert, as when the stage ran
-                from .contrastive import OPEN_CLIP_DIR, pretrained_expert
+        if stage.objective == "contrastive":  # the pretrained tower becomes the expert, as when the stage ran
+            from .contrastive import OPEN_CLIP_DIR, pretrained_expert
 
-                pretrained_expert(model, stage_dir / OPEN_CLIP_DIR, stage.contrastive.freeze)
-            load_weights(model, export)
-            info["stages"][stage.name] = json.loads(done.read_text())
-            log.info("stage %s: loaded its export (resume)", stage.name)
-            continue
-        start = time.perf_counter()
-        train = dataclasses.replace(stage.train, seed=recipe.seed + i)
-        log.info("stage %d/%d %s (%s): %d steps of %d", i + 1, len(recipe.stages), stage.name, stage.objective,
-                 train.steps, train.batch_size)
-        if stage.objective == "contrastive":
-            from .contrastive import run_contrastive_stage
+            pretrained_expert(model, stage_dir / OPEN_CLIP_DIR, stage.contrastive.freeze)
+        load_weights(model, export)
+        info["stages"][stage.name] = json.loads(done.read_text())
+        log.info("stage %s: loaded its export (resume)", stage.name)
+        return
+    start = time.perf_counter()
+    train = dataclasses.replace(stage.train, seed=recipe.seed + i)
+    log.info("stage %d/%d %s (%s): %d steps of %d", i + 1, len(recipe.stages), stage.name, stage.objective,
+             train.steps, train.batch_size)
+    callbacks = [*callbacks, PreemptionCheckpoint(guard, stage_dir / "checkpoints", stage.name, resume_command)]
+    if stage.objective == "contrastive":
+        from .contrastive import run_contrastive_stage
 
-            report, losses = run_contrastive_stage(model, _stage_sources(stage, sources), stage.contrastive, train,
-                                                   stage_dir, skipped, progress=progress, resume=resume,
-                                                   seed=recipe.seed + i, callbacks=callbacks)
-            trainable = sum(p.numel() for p in model.vision.parameters())
-            stream, summary = None, {**_loss_ends(losses), "contrastive": report}
-        else:
-            trainable = set_trainable(model, stage.trainable)
-            cache = None
-            if recipe.feature_cache and _cacheable(model):
-                cache = _feature_cache(model, run_dir, _stage_sources(stage, sources), progress)
-            stream = _stage_stream(model, recipe, stage, i, sources, features=cache)
-            monitor = RoutingMonitor(stage_dir, title=f"{recipe.name} / {stage.name}")
-            module = fit(model, stream, train, run_dir=stage_dir, progress=progress, resume=resume,
-                         callbacks=[monitor, *(callbacks or [])])
-            if cache is not None:
-                cache.flush()
-            summary = {**_loss_ends(module.losses), "routing": monitor.summary(),
-                       "feature_cache": cache is not None}
-        seconds = time.perf_counter() - start
-        log.info("stage %s done in %.1f s (mean loss %.4g over its first fifth, %.4g over its last)", stage.name,
-                 seconds, summary["loss_first_fifth"] or float("nan"), summary["loss_last_fifth"] or float("nan"))
-        if not main:
-            dist.barrier()  # rank 0 writes the stage's files
-            continue
-        model.save_pretrained(export)
-        info["stages"][stage.name] = {
-            "objective": stage.objective, "trainable_parameters": trainable, "seconds": round(seconds, 1),
-            "steps": train.steps,
-            "skipped": {reason: len(ids) for reason, ids in (stream.skipped.by_reason.items() if stream else ())},
-            **summary}  # skipped ids: skipped.json
-        named = {**skipped.state_dict()}  # reading (malformed lines, unreadable shards) + encoding skips, by id
-        for reason, ids in (stream.skipped.state_dict().items() if stream else ()):
-            named.setdefault(reason, []).extend(ids)
-        (stage_dir / "skipped.json").write_text(json.dumps(named, indent=1) + "\n")
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info["stages"][stage.name], indent=2) + "\n")
-        os.replace(tmp, done)  # the stage counts as done only once its export is complete
-        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-    if main:
-        (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-    model.eval()
-    return model
+        report, losses = run_contrastive_stage(model, _stage_sources(stage, sources), stage.contrastive, train,
+                                               stage_dir, skipped, progress=progress, resume=resume,
+                                               seed=recipe.seed + i, callbacks=callbacks)
+        trainable = sum(p.numel() for p in model.vision.parameters())
+        stream, summary = None, {**_loss_ends(losses), "contrastive": report}
+    else:
+        trainable = set_trainable(model, stage.trainable)
+        cache = None
+        if recipe.feature_cache and _cacheable(model):
+            cache = _feature_cache(model, run_dir, _stage_sources(stage, sources), progress)
+        stream = _stage_stream(model, recipe, stage, i, sources, features=cache)
+        monitor = RoutingMonitor(stage_dir, title=f"{recipe.name} / {stage.name}")
+        module = fit(model, stream, train, run_dir=stage_dir, progress=progress, resume=resume,
+                     callbacks=[monitor, *callbacks])
+        if cache is not None:
+            cache.flush()
+        summary = {**_loss_ends(module.losses), "routing": monitor.summary(), "feature_cache": cache is not None}
+    seconds = time.perf_counter() - start
+    log.info("stage %s done in %.1f s (mean loss %.4g over its first fifth, %.4g over its last)", stage.name,
+             seconds, summary["loss_first_fifth"] or float("nan"), summary["loss_last_fifth"] or float("nan"))
+    if not main:
+        dist.barrier()  # rank 0 writes the stage's files
+        return
+    model.save_pretrained(export)
+    info["stages"][stage.name] = {
+        "objective": stage.objective, "trainable_parameters": trainable, "seconds": round(seconds, 1),
+        "steps": train.steps,
+        "skipped": {reason: len(ids) for reason, ids in (stream.skipped.by_reason.items() if stream else ())},
+        **summary,  # skipped ids: skipped.json
+        "export_sha256": json.loads((export / CHECKSUMS_NAME).read_text())}
+    named = {**skipped.state_dict()}  # reading (malformed lines, unreadable shards) + encoding skips, by id
+    for reason, ids in (stream.skipped.state_dict().items() if stream else ()):
+        named.setdefault(reason, []).extend(ids)
+    write_text_atomic(stage_dir / "skipped.json", json.dumps(named, indent=1) + "\n")
+    # the stage counts as done only once its export is complete
+    write_text_atomic(done, json.dumps(info["stages"][stage.name], indent=2) + "\n")
+    shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+    write_text_atomic(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

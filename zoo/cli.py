@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import shlex
+import signal
 import sys
 
 
@@ -52,13 +55,24 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A logging handler that writes to whatever ``sys.stderr`` is when a record comes (a caller may replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_progress() -> None:
     """Show the zoo's own INFO messages (stage starts and ends, skips, caches, probes) on stderr."""
-    import logging
-
     logger = logging.getLogger("zoo")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(getattr(h, "zoo_progress", False) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.zoo_progress = True
         handler.setFormatter(logging.Formatter("zoo: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -73,7 +87,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _log_progress()
     recipe = load_recipe(args.recipe, args.set)
     run_dir = args.run_dir or str(Path("runs") / recipe.name)
-    run_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    command = shlex.join(["zoo", "train", args.recipe, "--run-dir", run_dir, *[a for item in args.set
+                                                                             for a in ("--set", item)], "--resume"])
+    run_recipe(recipe, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+               command=command)
     print(f"done: {run_dir} (per-stage exports in {run_dir}/NN-stage/model, run.json, recipe.yaml)")
     return 0
 
@@ -131,8 +148,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from zoo.train.demo import run_demo
 
     _log_progress()
+    command = shlex.join(["zoo", "demo", "--out", args.out, *(["--recipe", args.recipe] if args.recipe else []),
+                          *[a for item in args.set for a in ("--set", item)], "--resume"])
     run_demo(out_dir=args.out, recipe=args.recipe, overrides=args.set, eval_limit=args.limit,
-             progress=not args.no_progress, resume=args.resume)
+             progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite, command=command)
     return 0
 
 
@@ -174,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="default: runs/<recipe name>")
     p.add_argument("--resume", action="store_true",
                    help="load finished stages' exports and continue an unfinished stage from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run the run directory holds (its files are "
+                   "listed as they are removed)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("convert", help="convert a checkpoint (SRC DST: llava-hf, original LLaVA, MoE-LLaVA or CuMo "
@@ -212,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. stages.2.train.steps=3000 (repeatable)")
     p.add_argument("--resume", action="store_true", help="load the stages a previous run finished")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test questions only")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
@@ -228,7 +250,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run a subcommand. Exceptions that carry an ``exit_code`` end the command with one line and that code: a run
+    stopped by a signal (128 + its number, saying how to resume), a failed write (1, naming the file), a run
+    directory or data source that cannot be used (2)."""
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit, writes fail with EFBIG (reported) instead of a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        return args.func(args)
+    except Exception as e:
+        code = getattr(e, "exit_code", None)
+        if not isinstance(code, int):
+            raise
+        label = "" if getattr(e, "is_error", True) is False else "error: "
+        print(f"zoo {args.command}: {label}{e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
