@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,7 +177,7 @@ def test_probe_after_stage_zero_beats_the_random_tower(short_run):
     report = short_run["info"]["stages"]["vision"]["contrastive"]
     assert report["held_out"] == 200 and report["captions"] == 24
     assert report["probe"]["shape"] > report["probe_random_tower"]["shape"] + 0.05
-    assert report["probe"]["shape"] > 0.6
+    assert report["probe"]["shape"] > 0.55  # 150 steps on 600 images; the full stage 0 reaches ~98%
     loss = short_run["info"]["stages"]["vision"]
     assert loss["loss_last_fifth"] < loss["loss_first_fifth"]
 
@@ -242,3 +243,12 @@ def test_demo_runs_the_recipe_evaluates_both_models_and_reloads(short_run, capsy
     questions = [s.question for s in EasyVQA(split="test").load(8)]
     assert reloaded.answer(images, questions) == short_run["model"].answer(images, questions)
     assert Path(reloaded.config.vision.name.removeprefix("local-dir:")) == (out / "00-vision" / "open_clip").resolve()
+    # `zoo eval` on the saved model reproduces the sparse accuracy the demo printed, row by row
+    assert main(["eval", str(out / "model"), "--benchmark", "easy-vqa", "--limit", "200", "--out", str(out / "eval"),
+                 "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    scores = json.loads((out / "eval" / "results.json").read_text())["benchmarks"]["easy-vqa"]["scores"]
+    printed_rows = dict(re.findall(r"^\| ([a-z/ ]+) \| 200 \| ([\d.]+)%", printed.split("sparse (after")[1], re.M))
+    assert f"| easy-vqa | test | 200 | accuracy | {printed_rows['overall']} |" in table
+    for row, value in results["accuracy"]["moe"].items():
+        assert scores["accuracy" if row == "overall" else row] == pytest.approx(100 * value, abs=1e-9)
