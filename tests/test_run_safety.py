@@ -181,10 +181,19 @@ def uninterrupted(tmp_path_factory):
 PREEMPT = ["stages.2.train.steps=40", "stages.2.train.log_every=1"]
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)])
 def test_a_signal_checkpoints_the_step_reached_and_resume_is_bitwise(tmp_path, uninterrupted, signum, code, capsys):
-    run_dir = tmp_path / "run"
-    victim = subprocess.Popen(_command(run_dir, *PREEMPT), env=_env(), stdout=subprocess.DEVNULL,
+    """SIGTERM / SIGINT everywhere; SIGUSR1 under SLURM, where the job is also requeued (a ``scontrol`` on PATH that
+    records its arguments stands in for SLURM's, which this machine does not have)."""
+    run_dir, env = tmp_path / "run", _env()
+    if signum == signal.SIGUSR1:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        scontrol = bin_dir / "scontrol"
+        scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+        scontrol.chmod(0o755)
+        env.update(SLURM_JOB_ID="4242", PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    victim = subprocess.Popen(_command(run_dir, *PREEMPT), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "02-moe" / "metrics.csv"
     deadline = time.monotonic() + 240
@@ -195,8 +204,10 @@ def test_a_signal_checkpoints_the_step_reached_and_resume_is_bitwise(tmp_path, u
     _, err = victim.communicate(timeout=120)
     assert victim.returncode == code, err[-3000:]
     (line,) = [x for x in err.splitlines() if x.startswith("zoo train:")]
-    step = int(re.fullmatch(r"zoo train: interrupted \(SIG\w+\) at step (\d+) of stage moe; resume with: zoo train "
-                            r".* --resume", line).group(1))
+    then = r"requeued SLURM job 4242" if signum == signal.SIGUSR1 else r"resume with: zoo train .* --resume"
+    step = int(re.fullmatch(rf"zoo train: interrupted \(SIG\w+\) at step (\d+) of stage moe; {then}", line).group(1))
+    if signum == signal.SIGUSR1:
+        assert (tmp_path / "scontrol.args").read_text() == "requeue 4242\n"
     assert 3 <= step < 40 and (run_dir / "02-moe" / "checkpoints" / f"step-{step:08d}").is_dir()
     assert not (run_dir / "02-moe" / "stage.json").exists()
     resumed = _main(_command(run_dir, *PREEMPT, extra=("--resume",)), capsys)
