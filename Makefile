@@ -10,20 +10,21 @@ LMMS_STAMP := $(VENV)/.installed-lmms
 
 .PHONY: demo test install lint clean
 
+# setuptools' "Editable installation." notice (a warning inside pip's build backend) is the only one silenced
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 $(LMMS_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,lmms]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[dev,lmms]"
 	touch $(LMMS_STAMP)
 
 install: $(LMMS_STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/zoo demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/zoo demo --resume
 
 test: $(LMMS_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -189,6 +189,19 @@ def test_questions_about_unusable_easy_vqa_images_are_counted_skips_and_the_rest
     for path, words in unusable.values():
         assert any(words in reason and str(path) in reason for reason in split.skipped.by_reason)
     assert len(split.images) == 20 - len(unusable) and len(split.samples) == len(questions) - len(bad)
+    # the captions task of a recipe (the demo's open_clip pretraining) counts the same skips and captions the rest
+    from zoo.train import recipe
+    from zoo.train.captions import caption_images
+    from zoo.train.data import SkipCounter
+
+    skipped = SkipCounter()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recipe, "load_easy_vqa", lambda name: split)
+        captions = recipe.build_source(recipe.SourceConfig(kind="easy-vqa", task="captions"), skipped)
+    assert {i for ids in skipped.by_reason.values() for i in ids} >= bad
+    assert all(any(str(path) in reason for reason in skipped.by_reason) for path, _ in unusable.values())
+    assert len(captions) == len(caption_images(split)) > 0
+    assert all(any(c.images[0] is image for image in split.images) for c in captions)
     model = zoo.build(tiny_config())
     data = VQATrainingSet(model, split)
     assert data.num_questions == len(questions) - len(bad) and data.skipped.total == len(bad)

@@ -3,16 +3,24 @@
 `UserError` marks an exception whose message is a complete sentence about something the user gave: a config
 value, a file, a name, a data set, an argument. Every such class of the zoo derives from it (`ConfigError`,
 `UnknownPartError`, `CheckpointError`, `ReleasedCheckpointError`, `BenchmarkDataError`, `ImageError`,
-`DataFileError`, `MissingWeightsError`, `UsageError`), so the ``zoo`` command prints it on one line
-(``zoo train: error: <the sentence>``) and exits 2, while any other exception, a bug, keeps its traceback. Python
-callers catch the specific class (or `UserError` for all of them).
+`DataFileError`, `MissingWeightsError`, `UsageError`, the run directory's `RunDirError` and `DataSourceError`),
+so the ``zoo`` command prints it on one line (``zoo train: error: <the sentence>``) and exits with its
+``exit_code``, 2, while any other exception, a bug, keeps its traceback. Two more end a command the same way with
+their own status: a failed write (`zoo.checkpoint.WriteError`, 1) and a run stopped by a signal
+(`zoo.train.preemption.Interrupted`, 128 + the signal). Python callers catch the specific class (or `UserError` for
+all of them).
 """
 
 from __future__ import annotations
 
 
 class UserError(Exception):
-    """Base of the errors in what the user gave; the message names the field, file, sample or tensor."""
+    """Base of the errors in what the user gave; the message names the field, file, sample or tensor. The ``zoo``
+    command ends with the message on one line and ``exit_code``; ``is_error`` False prints it without ``error:``
+    (a report, not a mistake: a run stopped by a signal)."""
+
+    exit_code = 2  # as argparse uses for bad arguments
+    is_error = True
 
 
 class DataFileError(UserError, ValueError):
