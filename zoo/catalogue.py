@@ -68,12 +68,19 @@ def get_config(name_or_path: str | Path | ModelConfig) -> ModelConfig:
 def build(name_or_config: str | Path | ModelConfig, device: str | torch.device | None = None):
     """A fresh model from a catalogue name, a YAML path or a :class:`ModelConfig`.
 
-    Parts marked ``pretrained`` load their weights (local dir or offline cache); the rest start random.
+    Parts marked ``pretrained`` load their weights (local dir or offline cache); the rest start random. A config
+    with a ``transformers`` block builds a transformers-native model (`zoo.families.FamilyModel`).
     """
     from zoo.model import ZooModel
     from zoo.tokenizer import build_tokenizer
 
     config = get_config(name_or_config)
+    if config.transformers is not None:
+        from zoo.families import build_family
+
+        where = str(name_or_config) if not isinstance(name_or_config, ModelConfig) else config.name
+        model = build_family(config, where=str(CATALOGUE.get(where)) if where in CATALOGUE else where)
+        return model.to(device) if device is not None else model
     model = ZooModel(config, build_tokenizer(config.tokenizer))
     return model.to(device) if device is not None else model
 
@@ -84,7 +91,7 @@ def resolve_hub_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
     except Exception as e:  # huggingface_hub raises several error types for "not available offline"
         raise OSError(f"{repo_id!r}: not a local directory and not available from the hub or its offline cache "
                       f"({type(e).__name__}: {e})") from e
@@ -92,22 +99,28 @@ def resolve_hub_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 
 def load_dir(directory: str | Path, device: str | torch.device | None = None):
     """Load a checkpoint directory: a zoo checkpoint, a transformers ``LlavaForConditionalGeneration`` one (llava-hf
-    layout, converted exactly by :func:`zoo.convert.from_transformers`) or a released LLaVA, MoE-LLaVA or CuMo one
-    (:func:`zoo.released.from_released`; their vision tower is read from the name in their config)."""
+    layout, converted exactly by :func:`zoo.convert.from_transformers`), a released LLaVA, MoE-LLaVA or CuMo one
+    (:func:`zoo.released.from_released`; their vision tower is read from the name in their config) or a transformers
+    checkpoint of a `zoo.families` model type (Qwen3-VL-MoE, GLM-4.5V, Llama 4, Aria, ERNIE-4.5-VL, Qwen3-Omni)."""
     from zoo.checkpoint import CONFIG_NAME, CheckpointError
     from zoo.model import ZooModel
     from zoo.released import ReleasedCheckpointError, detect_layout, from_released
+
+    from zoo.families import FAMILIES, is_family_checkpoint, load_family
 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     try:
         meta = json.loads(config_path.read_text())
+        if is_family_checkpoint(meta) and meta["model_type"] in FAMILIES:
+            return load_family(directory, device=device)
         layout = detect_layout(meta)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: cannot read a checkpoint config ({e})") from e
     except ReleasedCheckpointError as e:
-        raise CheckpointError(f"{config_path}: neither a zoo checkpoint (no 'zoo_format'), a llava-hf one nor a "
-                              f"released LLaVA-family one ({e})") from e
+        raise CheckpointError(f"{config_path}: model_type {meta.get('model_type')!r} is not supported; supported: "
+                              f"zoo, llava-hf, llava, moe-llava, cumo checkpoints and the transformers model types "
+                              f"{', '.join(FAMILIES.names())}") from e
     if layout == "zoo":
         return ZooModel.from_pretrained(directory, device=device)
     if layout == "llava-hf":

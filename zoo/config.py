@@ -454,10 +454,28 @@ class LMConfig:
 
 
 @dataclass
+class TransformersConfig:
+    """A transformers-native model (`zoo.families`): the transformers class's own forward, image processor and chat
+    template, its sparse blocks swapped for zoo MoE layers.
+
+    ``config``: the transformers config (with ``model_type``, as its ``config.json`` holds it). ``processor``: a hub id
+    or directory of the model's processor; None builds a tiny offline one for test twins (a tokenizer trained on
+    easy-vqa with the family's special tokens and a chat template in the family's format). ``coefficients``: weight
+    of each aux loss by name (None: the config's ``router_aux_loss_coef`` on the balance losses).
+    """
+
+    config: dict[str, Any] = field(default_factory=dict)
+    processor: str | None = None
+    coefficients: dict[str, float] | None = None
+
+
+@dataclass
 class ModelConfig:
     """A whole vision-language model: vision expert(s) -> connector -> language model.
 
-    ``vision`` is one expert or a list of experts fused as ``fusion`` says.
+    ``vision`` is one expert or a list of experts fused as ``fusion`` says. ``transformers`` makes it a
+    transformers-native model instead (`zoo.families`: Qwen3-VL-MoE, GLM-4.5V, Llama 4, ...): vision, fusion and
+    connector then do not apply; ``lm.sparsity`` / ``lm.lora`` act on its language model.
     """
 
     name: str = "unnamed"
@@ -472,6 +490,7 @@ class ModelConfig:
     max_length: int = 2048
     image_token_id: int | None = None  # filled from the tokenizer when the model is built
     weights: str | None = None  # released weights for zoo.load(name): a zoo checkpoint dir or hub id
+    transformers: TransformersConfig | None = None  # a transformers-native model (zoo.families)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
