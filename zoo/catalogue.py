@@ -103,10 +103,9 @@ def load_dir(directory: str | Path, device: str | torch.device | None = None):
     (:func:`zoo.released.from_released`; their vision tower is read from the name in their config) or a transformers
     checkpoint of a `zoo.families` model type (Qwen3-VL-MoE, GLM-4.5V, Llama 4, Aria, ERNIE-4.5-VL, Qwen3-Omni)."""
     from zoo.checkpoint import CONFIG_NAME, CheckpointError
+    from zoo.families import FAMILIES, is_family_checkpoint, load_family
     from zoo.model import ZooModel
     from zoo.released import ReleasedCheckpointError, detect_layout, from_released
-
-    from zoo.families import FAMILIES, is_family_checkpoint, load_family
 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME

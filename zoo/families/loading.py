@@ -50,21 +50,20 @@ def _given_vocab(data: dict[str, Any]) -> int | None:
 def build_family(config: ModelConfig, meta: bool = False, where: str | None = None) -> FamilyModel:
     """A fresh transformers-native model from a config with a ``transformers`` block (random weights, seeded by
     torch's generator). Its processor is ``transformers.processor`` or, when that is None, a tiny offline one whose
-    token ids and vocabulary are written into the model's config. ``meta``: on the meta device, no processor (for
-    counting real-size models)."""
+    token ids and vocabulary are written into the model's config. ``meta``: on the meta device, without loading a
+    released processor (the config holds the vocabulary), for counting real-size models."""
     from zoo.families.tiny import fill_token_ids, tiny_processor
 
     where = where or config.name
     spec, hf_config = transformers_config(config.transformers.config, where)
     processor = None
-    if not meta:
-        if config.transformers.processor:
-            from transformers import AutoProcessor
+    if config.transformers.processor is None:  # a tiny twin: its vocabulary is its offline tokenizer's
+        processor = tiny_processor(spec.model_type)
+        fill_token_ids(hf_config, processor, _given_vocab(config.transformers.config))
+    elif not meta:
+        from transformers import AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(config.transformers.processor)
-        else:
-            processor = tiny_processor(spec.model_type)
-            fill_token_ids(hf_config, processor, _given_vocab(config.transformers.config))
+        processor = AutoProcessor.from_pretrained(config.transformers.processor)
     with torch.device("meta") if meta else contextlib.nullcontext():
         hf_model = _model_class(spec)._from_config(hf_config)
         return FamilyModel(hf_model, processor, config)

@@ -30,7 +30,8 @@ class FamilySpec:
     attributes (on the generator's config) of the image / video token ids, which make the modality mask;
     ``modality_kwarg``: an input the model itself routes by (ERNIE's ``moe_mm_token_type_ids``), read instead.
     ``tuple_output``: the decoder layer expects ``(hidden, router_logits)`` from a sparse block (Llama 4).
-    ``notes``: why a part the zoo's own models have is missing, for errors.
+    ``notes``: why a part the zoo's own models have is missing, for errors. ``bridge``: what joins vision and
+    language (for the catalogue).
     """
 
     model_type: str
@@ -45,6 +46,7 @@ class FamilySpec:
     tuple_output: bool = False
     notes: dict[str, str] = field(default_factory=dict)
     sparse: bool = True
+    bridge: str = "patch merger (in the vision tower)"
 
 
 FAMILIES: Registry[FamilySpec] = Registry("transformers model type")
@@ -63,15 +65,17 @@ for _spec in (
     FamilySpec("llama4", "llama4", "Llama4ForConditionalGeneration",
                {"vision": ("vision_model",), "connector": ("multi_modal_projector",), "lm": ("language_model",)},
                {"lm": "language_model.model"}, ffn="feed_forward", visual_tokens=("image_token_id",),
-               tuple_output=True),
+               tuple_output=True, bridge="pixel-shuffle MLP + linear projector"),
     FamilySpec("aria", "aria", "AriaForConditionalGeneration",
                {"vision": ("model.vision_tower",), "connector": ("model.multi_modal_projector",),
                 "lm": ("model.language_model", "lm_head")},
-               {"lm": "model.language_model"}, visual_tokens=("image_token_id",)),
+               {"lm": "model.language_model"}, visual_tokens=("image_token_id",),
+               bridge="cross-attention projector (learned queries)"),
     FamilySpec("ernie4_5_vl_moe", "ernie4.5-vl-moe", "Ernie4_5_VLMoeForConditionalGeneration",
                {"vision": ("model.vision_tower",), "connector": ("model.resampler_model",),
                 "lm": ("model.language_model", "lm_head")},
-               {"lm": "model.language_model"}, modality_kwarg="moe_mm_token_type_ids"),
+               {"lm": "model.language_model"}, modality_kwarg="moe_mm_token_type_ids",
+               bridge="spatial + temporal resampler"),
     FamilySpec("qwen3_omni_moe", "qwen3-omni-moe", "Qwen3OmniMoeForConditionalGeneration",
                {"vision": ("thinker.model.visual",), "audio": ("thinker.model.audio_tower",),
                 "lm": ("thinker.model.language_model", "thinker.lm_head"), "talker": ("talker",),
@@ -90,4 +94,30 @@ def family_spec(model_type: str, where: str = "config.json") -> FamilySpec:
     return FAMILIES.get(model_type)
 
 
-__all__ = ["FAMILIES", "FamilySpec", "family_spec"]
+def _first(config: dict, *keys: str, default=None):
+    return next((config[k] for k in keys if config.get(k) is not None), default)
+
+
+def config_summary(config: dict) -> dict[str, str]:
+    """``vision``, ``connector``, ``lm`` and ``sparsity`` of a transformers config mapping as short text (the
+    catalogue's columns)."""
+    spec = family_spec(config.get("model_type"), where="transformers.config")
+    holder = config.get("thinker_config", config)
+    vision, text = holder.get("vision_config", {}), holder.get("text_config", {})
+    width = _first(vision, "hidden_size", default="?")
+    depth = _first(vision, "depth", "num_hidden_layers", default="?")
+    patch = _first(vision, "patch_size", default="?")
+    experts = _first(text, "num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+    top_k = _first(text, "num_experts_per_tok", "moe_topk", "moe_k", default=1)
+    shared = _first(text, "n_shared_experts", "moe_num_shared_experts", default=1 if spec.tuple_output else 0)
+    sparsity = "dense (a zoo policy upcycles it)"
+    if spec.sparse:
+        banks = "text + vision experts " if spec.modality_kwarg else ""
+        sparsity = f"native: {banks}{experts}e top-{top_k}" + (f" +{shared} shared" if shared else "")
+    return {"vision": f"{spec.model_type} ViT d{width}x{depth} patch {patch}", "connector": spec.bridge,
+            "lm": f"{spec.model_type} d{_first(text, 'hidden_size', default='?')}x"
+                  f"{_first(text, 'num_hidden_layers', default='?')}",
+            "sparsity": sparsity}
+
+
+__all__ = ["FAMILIES", "FamilySpec", "config_summary", "family_spec"]
