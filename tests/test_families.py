@@ -73,3 +73,109 @@ def test_family_equals_transformers_and_round_trips(model_type, images, tmp_path
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, out.logits)
     assert again.answer(images, QUESTIONS, max_new_tokens=3) == model.answer(images, QUESTIONS, max_new_tokens=3)
+
+
+def test_routing_by_modality_through_zoo_analyze(tmp_path):
+    """`zoo analyze routing` on a transformers-native model: per layer, the image-token and text-token loads add up
+    to the layer's slots (top-k per real token), the image tokens are the processor's image placeholders, and the
+    heatmaps and tables are written."""
+    from zoo.analyze import analyze_routing
+
+    torch.manual_seed(0)
+    model = zoo.build(TWINS["qwen3_vl_moe"]).eval()
+    rows = analyze_routing(model, ["easy-vqa"], limit=6, batch_size=3, out_dir=tmp_path)["easy-vqa"]
+    by = {(r["layer"], r["modality"]): r for r in rows}
+    assert {layer for layer, _ in by} == {"lm.layers.0", "lm.layers.1"}
+    for layer in ("lm.layers.0", "lm.layers.1"):
+        image, text, every = by[layer, "image"], by[layer, "text"], by[layer, "all"]
+        assert image["tokens"] == 6 * 4  # six 64-pixel images, 2 x 2 merged patches each
+        assert image["tokens"] + text["tokens"] == every["tokens"]
+        assert abs(sum(image["load"]) - 1) < 1e-9 and abs(sum(text["load"]) - 1) < 1e-9
+    assert (tmp_path / "routing-easy-vqa.png").stat().st_size > 0 and "lm.layers.1" in (tmp_path / "routing.md").read_text()
+
+
+def test_eval_harness_answers_through_the_processor_and_chat_template(tmp_path):
+    """The harness's predictions are transformers' own greedy generations on the same weights, prompted by the
+    model's chat template through its processor (batched, left padding)."""
+    from zoo.eval import evaluate
+    from zoo.eval.harness import get_benchmark
+
+    reference, model = _reference_and_zoo(TWINS["glm4v_moe"])
+    results = evaluate(model, "easy-vqa", limit=4, batch_size=2, out_dir=tmp_path, progress=False)
+    assert results["benchmarks"]["easy-vqa"]["questions"] == 4
+    predictions = [json.loads(line)["text"] for line in
+                   (tmp_path / "easy-vqa" / "predictions.jsonl").read_text().splitlines()]
+    samples, processor = get_benchmark("easy-vqa").load(4), model.processor
+    expected = []
+    for pair in (samples[:2], samples[2:]):
+        texts = [processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": s.question}]}], add_generation_prompt=True, tokenize=False)
+            for s in pair]
+        inputs = processor(text=texts, images=[s.load_image() for s in pair], padding=True, padding_side="left",
+                           return_tensors="pt")
+        new = reference.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        expected += [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    assert predictions == expected
+
+
+def _dense_config(model_type: str) -> zoo.ModelConfig:
+    """A tiny dense base (qwen3_vl, glm4v): the MoE twin's config without its experts."""
+    moe = {"qwen3_vl": TWINS["qwen3_vl_moe"], "glm4v": TWINS["glm4v_moe"]}[model_type]
+    data = zoo.get_config(moe).to_dict()
+    data.update(name=f"{model_type}-tiny", family=model_type)
+    transformers_config = data["transformers"]["config"]
+    transformers_config["model_type"] = model_type
+    text = transformers_config["text_config"]
+    for key in [k for k in text if "expert" in k or k in ("moe_intermediate_size", "router_aux_loss_coef", "n_group",
+                                                           "topk_group", "first_k_dense_replace")]:
+        text.pop(key)
+    return zoo.ModelConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_vl", "glm4v"])
+def test_upcycling_a_dense_base_with_a_zoo_policy(model_type, images, tmp_path):
+    """A dense Qwen3-VL / GLM-4V upcycled by MoE-LLaVA's policy (dropless here) gives the dense model's logits,
+    routes by modality, and its checkpoint (the base's transformers layout plus the policy) reloads exactly."""
+    torch.manual_seed(0)
+    model = zoo.build(_dense_config(model_type)).eval()
+    inputs = model.prompt_inputs(images, QUESTIONS)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    policy = {"preset": "moe-llava", "layers": "all", "moe": {"capacity_factor": None, "eval_capacity_factor": None}}
+    assert model.sparsify(policy) == [0, 1]
+    with torch.no_grad():
+        out = model(**inputs)
+    assert (out.logits - dense)[real].abs().max().item() <= 1e-5  # every expert a copy of the dense FFN
+    assert set(out.routing_stats) == {"lm.layers.0", "lm.layers.1"} and "lm.balance" in out.aux_losses
+    assert out.routing_stats["lm.layers.0"].by_modality["image"].tokens == int((out.image_mask & real).sum()) > 0
+    model.save_pretrained(tmp_path)
+    again = zoo.load(tmp_path)
+    assert again.config.lm.sparsity.preset == "moe-llava"
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, out.logits)
+
+
+def test_bad_input_names_the_file_and_what_is_supported(tmp_path):
+    from zoo.checkpoint import CheckpointError
+    from zoo.train.recipe import set_trainable
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "architectures": ["X"],
+                                                      "text_config": {}}))
+    with pytest.raises(CheckpointError) as error:
+        zoo.load(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "'gemma3' is not supported" in message and str(tmp_path / "config.json") in message
+    assert all(t in message for t in TWINS)  # one line that lists the supported model types
+    config = zoo.get_config(TWINS["qwen3_vl_moe"])
+    config.transformers.config["text_config"]["num_hidden_layers"] = "two"
+    with pytest.raises(zoo.ConfigError, match=r"(?s)^qwen3-vl-30b-a3b-tiny: transformers\.config: .*"
+                                              r"'num_hidden_layers' expected int, got str"):
+        zoo.build(config)
+    (tmp_path / "config.json").write_text(json.dumps({**config.transformers.config, "architectures": ["X"]}))
+    with pytest.raises(CheckpointError, match=r"(?s)config\.json: transformers rejected the config: .*num_hidden_layers"):
+        zoo.load(tmp_path)
+    model = zoo.build(TWINS["qwen3_vl_moe"])
+    with pytest.raises(zoo.ConfigError, match=r"\['connector'\] match no parameter \(parts of .*: vision, lm; .*"
+                                              r"connector: the patch merger is part of the vision tower"):
+        set_trainable(model, ["connector"])

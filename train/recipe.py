@@ -34,11 +34,13 @@ import yaml
 
 import zoo
 from zoo.config import ConfigError, SparsityConfig, from_dict, read_mapping, to_dict
+from zoo.families import FamilyModel
 from zoo.model import ZooModel
 from zoo.registry import Registry
 
 from .conversations import Conversation, ConversationStream, read_llava_json, read_webdataset
 from .data import SkipCounter, load_easy_vqa
+from .family_data import FamilyConversationStream
 from .module import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -256,8 +258,10 @@ def set_trainable(model: ZooModel, patterns: list[str]) -> int:
         total += param.numel() if train else 0
     unused = [p for p, g in zip(patterns, globs) if g not in used]
     if unused:
-        raise ConfigError(f"trainable: {unused} match no parameter (parts: vision, connector, lm; or globs over "
-                          "parameter names such as lm.*.mlp.*)")
+        parts = ", ".join(name for name, _ in model.named_children())
+        why = [f"{p}: {model.missing_part(p)}" for p in unused if isinstance(model, FamilyModel) and model.missing_part(p)]
+        raise ConfigError(f"trainable: {unused} match no parameter (parts of {model.config.name}: {parts}; or globs "
+                          f"over parameter names such as lm.*.mlp.*)" + "".join(f"; {w}" for w in why))
     return total
 
 
@@ -279,8 +283,20 @@ def _environment() -> dict:
 def _stage_stream(model: ZooModel, recipe: RecipeConfig, stage: StageConfig, index: int, sources: dict):
     names = list(stage.data) or list(sources)
     weights = [stage.data[n] for n in names] if stage.data else None
-    return ConversationStream(model, [sources[n] for n in names], weights=weights, template=stage.template,
-                              seed=recipe.seed + index, epochs=10**6)
+    stream = FamilyConversationStream if isinstance(model, FamilyModel) else ConversationStream
+    return stream(model, [sources[n] for n in names], weights=weights, template=stage.template,
+                  seed=recipe.seed + index, epochs=10**6)
+
+
+def _load_export(model: ZooModel | FamilyModel, export: Path) -> None:
+    """A finished stage's export back into the model (resume): a zoo checkpoint, or a transformers-native model's
+    transformers checkpoint."""
+    from zoo.checkpoint import load_weights
+
+    if isinstance(model, FamilyModel):
+        model.load_state_dict(zoo.load(export).state_dict())
+    else:
+        load_weights(model, export)
 
 
 def _is_main_process() -> bool:
@@ -317,9 +333,7 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, 
         for action in stage.before:
             ACTIONS.get(action.action, field=f"stages[{i}].before.action")(model, action)
         if resume and done.exists():
-            from zoo.checkpoint import load_weights
-
-            load_weights(model, export)
+            _load_export(model, export)
             info["stages"][stage.name] = json.loads(done.read_text())
             log.info("stage %s: loaded its export (resume)", stage.name)
             continue

@@ -78,8 +78,10 @@ def build(name_or_config: str | Path | ModelConfig, device: str | torch.device |
     if config.transformers is not None:
         from zoo.families import build_family
 
-        where = str(name_or_config) if not isinstance(name_or_config, ModelConfig) else config.name
-        model = build_family(config, where=str(CATALOGUE.get(where)) if where in CATALOGUE else where)
+        where = config.name  # errors name the YAML file the config came from, if any
+        if not isinstance(name_or_config, ModelConfig):
+            where = str(CATALOGUE.get(str(name_or_config)) if str(name_or_config) in CATALOGUE else name_or_config)
+        model = build_family(config, where=where)
         return model.to(device) if device is not None else model
     model = ZooModel(config, build_tokenizer(config.tokenizer))
     return model.to(device) if device is not None else model

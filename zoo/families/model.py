@@ -175,6 +175,9 @@ class FamilyModel(nn.Module):
         else:
             visual = torch.tensor(self.visual_token_ids(), device=ids.device) if ids is not None else None
             self.context.modality = torch.isin(ids, visual) if ids is not None else None
+        lora = getattr(self.text_model(), "zoo_lora_context", None)
+        if lora is not None:  # LoRA experts keep padding out of their routing too
+            lora.padding = self.context.padding
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
