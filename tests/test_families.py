@@ -179,3 +179,31 @@ def test_bad_input_names_the_file_and_what_is_supported(tmp_path):
     with pytest.raises(zoo.ConfigError, match=r"\['connector'\] match no parameter \(parts of .*: vision, lm; .*"
                                               r"connector: the patch merger is part of the vision tower"):
         set_trainable(model, ["connector"])
+
+
+def test_upcycled_qwen3_vl_exports_as_a_transformers_qwen3_vl_moe(images, tmp_path):
+    """Qwen3-VL upcycled on its even layers (dropless top-2 of 4) is a Qwen3-VL-MoE with the odd layers dense: the
+    transformers class loads the export and gives the zoo model's logits; a dropping policy is named as the reason
+    it cannot be exported."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from zoo.families import export_sparse
+
+    torch.manual_seed(0)
+    model = zoo.build(_dense_config("qwen3_vl")).eval()
+    model.sparsify({"preset": "moe-llava", "moe": {"capacity_factor": None, "eval_capacity_factor": None}})
+    randomise(model, "router", std=0.5, seed=3)
+    randomise(model, "experts.w_", std=0.05, seed=4)  # distinct experts: the routing now shapes the output
+    inputs = model.prompt_inputs(images, QUESTIONS)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    export_sparse(model, tmp_path)
+    moe = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert moe.config.text_config.mlp_only_layers == [1] and moe.config.text_config.num_experts == 4
+    with torch.no_grad():
+        assert (moe(**inputs).logits - expected)[real].abs().max().item() <= 1e-5
+    dropping = zoo.build(_dense_config("qwen3_vl"))
+    dropping.sparsify({"preset": "moe-llava"})  # capacity 1.5: tokens may be dropped
+    with pytest.raises(ValueError, match="^capacity_factor: qwen3_vl_moe is dropless"):
+        export_sparse(dropping, tmp_path / "x")

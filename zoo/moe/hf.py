@@ -277,7 +277,8 @@ def _infer_kind(layer: nn.Module) -> str:
     return "qwen2_moe" if config.shared_width else "mixtral"
 
 
-def _check(layout: BlockLayout, cfg: MoEConfig) -> None:
+def check_layout(layout: BlockLayout, cfg: MoEConfig) -> None:
+    """Raise ValueError naming the `MoEConfig` field that the block of ``layout`` cannot express."""
     kind = layout.kind
     _require(cfg.expert_form == "swiglu", "expert_form", f"{kind} experts are swiglu, got {cfg.expert_form!r}")
     _require(not cfg.bias, "bias", f"{kind} experts have no biases")
@@ -329,7 +330,7 @@ def to_transformers(layer: MoELayer | ModalitySeparatedMoE, kind: str | None = N
     if kind == ERNIE:
         return _to_ernie(layer, experts_implementation, copy)
     cfg, layout = layer.config, LAYOUTS[kind]
-    _check(layout, cfg)
+    check_layout(layout, cfg)
     hf_config = layout.config_class()(hidden_size=cfg.hidden_size, hidden_act=cfg.activation,
                                       num_experts_per_tok=cfg.top_k, **_ONE_HEAD, **layout.hf_config(cfg))
     hf_config._experts_implementation = experts_implementation
@@ -342,7 +343,7 @@ def to_transformers(layer: MoELayer | ModalitySeparatedMoE, kind: str | None = N
 def _to_ernie(layer: ModalitySeparatedMoE, experts_implementation: str, copy: bool) -> nn.Module:
     text, image, half = layer.text.config, layer.image.config, LAYOUTS["ernie4_5_vl_moe_half"]
     for cfg in (text, image):
-        _check(half, cfg)
+        check_layout(half, cfg)
     _require(text.num_experts == image.num_experts and text.top_k == image.top_k, "num_experts",
              "ERNIE's text and vision experts share their count and top_k")
     _require(text.activation == image.activation, "activation", "ERNIE's experts share one activation")
