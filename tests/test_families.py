@@ -207,3 +207,20 @@ def test_upcycled_qwen3_vl_exports_as_a_transformers_qwen3_vl_moe(images, tmp_pa
     dropping.sparsify({"preset": "moe-llava"})  # capacity 1.5: tokens may be dropped
     with pytest.raises(ValueError, match="^capacity_factor: qwen3_vl_moe is dropless"):
         export_sparse(dropping, tmp_path / "x")
+
+
+def test_chat_renders_the_family_chat_template_each_turn(images):
+    from zoo.chat import ChatSession
+
+    torch.manual_seed(0)
+    model = zoo.build(TWINS["llama4"])
+    chat = ChatSession(model, images[0], max_new_tokens=3)
+    first = chat.ask("what color is the shape?")
+    assert first == model.answer(images[:1], ["what color is the shape?"], max_new_tokens=3)[0]
+    chat.ask("is it a circle?")
+    assert [role for role, _ in chat.turns] == ["user", "assistant", "user", "assistant"]
+    text = model.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the shape?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    assert model.chat_inputs(chat.turns[:1], images[:1])["input_ids"].shape[1] == \
+        model.processor(text=[text], images=images[:1], return_tensors="pt")["input_ids"].shape[1]

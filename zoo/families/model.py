@@ -264,6 +264,11 @@ class FamilyModel(nn.Module):
         texts = [self._render(chat_messages([("user", q)], 1), True) for q in questions]
         return self._batch(texts, images, padding_side)
 
+    def chat_inputs(self, turns: Sequence[tuple[str, str]], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Model inputs (batch of one) to continue a conversation of ``(role, text)`` turns about ``images``: the
+        chat template with the generation prompt (``zoo chat``)."""
+        return self._batch([self._render(chat_messages(turns, len(images)), True)], images)
+
     def encode_conversation(self, turns: Sequence[tuple[str, str]], images: Sequence[Image.Image]) -> dict:
         """Model inputs (batch of one) with ``labels`` on the assistant turns, as the chat template renders them.
         Turns are ``(role, text)``; ``<image>`` placeholders mark where the images go (else before the first user
