@@ -63,13 +63,18 @@ def test_family_equals_transformers_and_round_trips(model_type, images, tmp_path
     for layer, stats in out.routing_stats.items():
         assert stats.by_modality["image"].tokens == int(visual.sum()) > 0, layer
         assert stats.by_modality["text"].tokens == int((real & ~visual).sum()), layer
-    # save -> the transformers class loads the same tensors; zoo.load gives the same logits
-    model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
-    loaded = type(reference).from_pretrained(tmp_path)
+    # save (into a hub cache snapshot) -> the transformers class loads the same tensors; zoo.load of the hub id,
+    # offline, gives the same logits and answers
+    repo = tmp_path / "hub" / f"models--zoo-test--{model_type}"
+    checkpoint = repo / "snapshots" / ("0" * 40)
+    model.save_pretrained(checkpoint)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    assert json.loads((checkpoint / "config.json").read_text())["model_type"] == model_type
+    loaded = type(reference).from_pretrained(checkpoint)
     for key, value in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    again = zoo.load(tmp_path)
+    again = zoo.load(f"zoo-test/{model_type}", cache_dir=tmp_path / "hub")
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, out.logits)
     assert again.answer(images, QUESTIONS, max_new_tokens=3) == model.answer(images, QUESTIONS, max_new_tokens=3)
