@@ -80,7 +80,7 @@ def test_family_equals_transformers_and_round_trips(model_type, images, tmp_path
     assert again.answer(images, QUESTIONS, max_new_tokens=3) == model.answer(images, QUESTIONS, max_new_tokens=3)
 
 
-def test_routing_by_modality_through_zoo_analyze(tmp_path):
+def test_routing_by_modality_through_zoo_analyze(images, tmp_path):
     """`zoo analyze routing` on a transformers-native model: per layer, the image-token and text-token loads add up
     to the layer's slots (top-k per real token), the image tokens are the processor's image placeholders, and the
     heatmaps and tables are written."""
@@ -97,6 +97,12 @@ def test_routing_by_modality_through_zoo_analyze(tmp_path):
         assert image["tokens"] + text["tokens"] == every["tokens"]
         assert abs(sum(image["load"]) - 1) < 1e-9 and abs(sum(text["load"]) - 1) < 1e-9
     assert (tmp_path / "routing-easy-vqa.png").stat().st_size > 0 and "lm.layers.1" in (tmp_path / "routing.md").read_text()
+    # the same statistics a forward carries (ZooOutput.routing_stats): each modality's slots are top-2 of its tokens
+    out = model(**model.prompt_inputs(images, QUESTIONS))
+    for stats in out.routing_stats.values():
+        for part in stats.by_modality.values():
+            assert int(part.kept.sum()) == 2 * part.tokens
+        assert torch.equal(stats.by_modality["image"].kept + stats.by_modality["text"].kept, stats.kept)
 
 
 def test_eval_harness_answers_through_the_processor_and_chat_template(tmp_path):
