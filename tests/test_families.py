@@ -77,7 +77,7 @@ def test_family_equals_transformers_and_round_trips(model_type, images, tmp_path
     again = zoo.load(f"zoo-test/{model_type}", cache_dir=tmp_path / "hub")
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, out.logits)
-    assert again.answer(images, QUESTIONS, max_new_tokens=3) == model.answer(images, QUESTIONS, max_new_tokens=3)
+    assert torch.equal(again.generate(**inputs, max_new_tokens=6), greedy[:, inputs["input_ids"].shape[1]:])
 
 
 def test_routing_by_modality_through_zoo_analyze(images, tmp_path):
@@ -223,8 +223,7 @@ def test_upcycled_qwen3_vl_exports_as_a_transformers_qwen3_vl_moe(images, tmp_pa
 def test_chat_renders_the_family_chat_template_each_turn(images):
     from zoo.chat import ChatSession
 
-    torch.manual_seed(0)
-    model = zoo.build(TWINS["llama4"])
+    reference, model = _reference_and_zoo(TWINS["llama4"])
     chat = ChatSession(model, images[0], max_new_tokens=3)
     first = chat.ask("what color is the shape?")
     assert first == model.answer(images[:1], ["what color is the shape?"], max_new_tokens=3)[0]
@@ -235,3 +234,37 @@ def test_chat_renders_the_family_chat_template_each_turn(images):
         add_generation_prompt=True, tokenize=False)
     assert model.chat_inputs(chat.turns[:1], images[:1])["input_ids"].shape[1] == \
         model.processor(text=[text], images=images[:1], return_tensors="pt")["input_ids"].shape[1]
+
+
+def test_sampling_and_streaming_go_through_transformers_generate(images):
+    """What a server hands `generate`: a transformers GenerationConfig (sampling) and a streamer. Under one seed the
+    zoo model samples transformers' own tokens on the same weights, and the streamer sees the prompt, then each
+    step's tokens: together the returned ids."""
+    from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    reference, model = _reference_and_zoo(TWINS["qwen3_vl_moe"])
+    inputs = model.prompt_inputs(images, QUESTIONS)
+    config = GenerationConfig(do_sample=True, top_k=20, temperature=1.5)
+    streamer = Collect()
+    torch.manual_seed(5)
+    sampled = model.generate(**inputs, max_new_tokens=5, generation_config=config, streamer=streamer)
+    torch.manual_seed(5)
+    expected = reference.generate(**inputs, max_new_tokens=5, generation_config=config)
+    assert torch.equal(sampled, expected[:, inputs["input_ids"].shape[1]:])
+    torch.manual_seed(0)
+    assert not torch.equal(model.generate(**inputs, max_new_tokens=5, generation_config=config), sampled)
+    assert torch.equal(streamer.puts[0], inputs["input_ids"]) and streamer.ended
+    assert torch.equal(torch.stack(streamer.puts[1:], dim=1), sampled)
+    with pytest.raises(ValueError, match="^generation_config: a transformers-native model takes one"):
+        model.generate(**inputs, generation_config=[config, config])

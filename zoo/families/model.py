@@ -298,12 +298,25 @@ class FamilyModel(nn.Module):
         return self._batch([self._render(messages, generation)], images[:shown])["input_ids"][0]
 
     @torch.no_grad()
-    def generate(self, max_new_tokens: int = 16, **inputs) -> torch.Tensor:
-        """Greedy decoding by transformers' ``generate`` (KV cache, the model's generation config); returns the new
-        ids ``[B, <= max_new_tokens]``."""
+    def generate(self, max_new_tokens: int = 16, generation_config=None, streamer=None, **inputs) -> torch.Tensor:
+        """Decoding by transformers' ``generate`` (KV cache) on the processor's ``inputs``; returns the new ids
+        ``[B, <= max_new_tokens]``. Greedy unless ``generation_config`` (one transformers ``GenerationConfig`` for the
+        batch: sampling, temperature, top-k / top-p, repetition penalty, stop strings) says otherwise; ``streamer``
+        (transformers' streamer interface: ``put`` gets the prompt ids, then each step's ``[B]`` tokens; ``end``)
+        sees the tokens as they come. Keyword calls ``generate(**inputs, max_new_tokens=n)`` read the same for a
+        `ZooModel`, whose inputs come from its own ``prompt_inputs``."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
-        out = self.generator.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        if generation_config is None:
+            options = {"do_sample": False, "num_beams": 1}
+        elif isinstance(generation_config, (list, tuple)):
+            raise ValueError("generation_config: a transformers-native model takes one GenerationConfig for the "
+                             f"batch, got a list of {len(generation_config)}")
+        else:
+            options = {"generation_config": generation_config}
+            if generation_config.stop_strings:
+                options["tokenizer"] = self.tokenizer  # transformers matches stop strings through it
+        out = self.generator.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **options)
         return out[:, inputs["input_ids"].shape[1]:]
 
     @torch.no_grad()
