@@ -161,10 +161,18 @@ def test_upcycling_a_dense_base_with_a_zoo_policy(model_type, images, tmp_path):
     assert set(out.routing_stats) == {"lm.layers.0", "lm.layers.1"} and "lm.balance" in out.aux_losses
     assert out.routing_stats["lm.layers.0"].by_modality["image"].tokens == int((out.image_mask & real).sum()) > 0
     model.save_pretrained(tmp_path)
-    again = zoo.load(tmp_path)
+    again = zoo.load(tmp_path, verify=True)  # written as a zoo export is: checksums.json lists every file
     assert again.config.lm.sparsity.preset == "moe-llava"
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, out.logits)
+    listed = json.loads((tmp_path / "checksums.json").read_text())
+    assert {"config.json", "model.safetensors", "processor_config.json"} <= set(listed)
+    assert not [p for p in tmp_path.parent.iterdir() if ".tmp-" in p.name]  # the staging directory is gone
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:-1] + b"\0")
+    from zoo.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 \w+ does not match"):
+        zoo.load(tmp_path, verify=True)
 
 
 def test_bad_input_names_the_file_and_what_is_supported(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from zoo.checkpoint import staged_directory
 from zoo.families.model import FamilyModel
 from zoo.lm.sparse import SparseFFN, decoder_layers
 from zoo.moe.hf import LAYOUTS, check_layout, transformers_state
@@ -64,11 +65,11 @@ def export_sparse(model: FamilyModel, directory: str | Path) -> Path:
     with torch.device("meta"):
         target = Qwen3VLMoeForConditionalGeneration._from_config(config)
     target.load_state_dict({k: v.detach() for k, v in state.items()}, assign=True, strict=True)
-    directory = Path(directory)
-    target.save_pretrained(directory)
-    if model.processor is not None:
-        model.processor.save_pretrained(directory)
-    return directory
+    with staged_directory(directory) as staging:  # files renamed into place whole, checksums.json beside them
+        target.save_pretrained(staging)
+        if model.processor is not None:
+            model.processor.save_pretrained(staging)
+    return Path(directory)
 
 
 __all__ = ["SPARSE_OF", "export_sparse"]

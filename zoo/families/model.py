@@ -360,24 +360,28 @@ class FamilyModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the transformers checkpoint (``config.json``, safetensors, generation config) and the processor:
         the transformers class loads it. A model with zoo-only structure (a sparsity policy, LoRA layers) is written
-        with its zoo modules and the structure under ``config.json``'s ``zoo`` entry, which `zoo.load` rebuilds."""
-        directory = Path(directory)
+        with its zoo modules and the structure under ``config.json``'s ``zoo`` entry, which `zoo.load` rebuilds.
+        As a zoo export: every file renamed into place whole, ``checksums.json`` beside them
+        (``zoo.load(..., verify=True)`` checks it); a failed write is a `zoo.checkpoint.WriteError` naming the path."""
+        from zoo.checkpoint import staged_directory
+
         extras = {k: v for k, v in (("sparsity", self.config.lm.sparsity), ("lora", self.config.lm.lora))
                   if v is not None}
-        if extras:
-            from zoo.config import to_dict
+        with staged_directory(directory) as staging:
+            if extras:
+                from zoo.config import to_dict
 
-            self.hf.save_pretrained(directory)
-            path = directory / "config.json"
-            data = json.loads(path.read_text())
-            data[ZOO_KEY] = {k: to_dict(v) for k, v in extras.items()}
-            path.write_text(json.dumps(data, indent=2) + "\n")
-        else:
-            with self.transformers_blocks() as hf:
-                hf.save_pretrained(directory)
-        if self.processor is not None:
-            self.processor.save_pretrained(directory)
-        return directory
+                self.hf.save_pretrained(staging)
+                path = staging / "config.json"
+                data = json.loads(path.read_text())
+                data[ZOO_KEY] = {k: to_dict(v) for k, v in extras.items()}
+                path.write_text(json.dumps(data, indent=2) + "\n")
+            else:
+                with self.transformers_blocks() as hf:
+                    hf.save_pretrained(staging)
+            if self.processor is not None:
+                self.processor.save_pretrained(staging)
+        return Path(directory)
 
 
 def chat_messages(turns: Sequence[tuple[str, str]], num_images: int) -> list[dict]:
