@@ -41,12 +41,14 @@ import yaml
 import zoo
 from zoo.checkpoint import write_text_atomic
 from zoo.config import ConfigError, ConnectorConfig, SparsityConfig, from_dict, read_mapping, to_dict
+from zoo.families import FamilyModel
 from zoo.model import ZooModel
 from zoo.registry import Registry
 
 from .contrastive import ContrastiveConfig
 from .conversations import TEMPLATES, Conversation, ConversationStream, read_llava_json, read_webdataset
 from .data import SkipCounter, load_easy_vqa
+from .family_data import FamilyConversationStream
 from .module import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -355,8 +357,10 @@ def set_trainable(model: ZooModel, patterns: list[str]) -> int:
         total += param.numel() if train else 0
     unused = [p for p, g in zip(patterns, globs) if g not in used]
     if unused:
-        raise ConfigError(f"trainable: {unused} match no parameter (parts: vision, connector, lm; or globs over "
-                          "parameter names such as lm.*.mlp.*)")
+        parts = ", ".join(name for name, _ in model.named_children())
+        why = [f"{p}: {model.missing_part(p)}" for p in unused if isinstance(model, FamilyModel) and model.missing_part(p)]
+        raise ConfigError(f"trainable: {unused} match no parameter (parts of {model.config.name}: {parts}; or globs "
+                          f"over parameter names such as lm.*.mlp.*)" + "".join(f"; {w}" for w in why))
     return total
 
 
@@ -377,7 +381,10 @@ def _environment() -> dict:
 
 def _cacheable(model: ZooModel) -> bool:
     """Whether the vision tower's outputs can come from a feature cache: every parameter frozen and no sparse
-    (routing) blocks whose statistics the stage would report."""
+    (routing) blocks whose statistics the stage would report. A transformers-native model's tower runs inside
+    transformers' forward: never cached."""
+    if isinstance(model, FamilyModel):
+        return False
     configs = model.config.vision if isinstance(model.config.vision, list) else [model.config.vision]
     frozen = not any(p.requires_grad for p in model.vision.parameters())
     return frozen and all(c.sparsity is None for c in configs)
@@ -407,8 +414,23 @@ def _stage_stream(model: ZooModel, recipe: RecipeConfig, stage: StageConfig, ind
                   features=None):
     names = list(stage.data) or list(sources)
     weights = [stage.data[n] for n in names] if stage.data else None
-    return ConversationStream(model, [sources[n] for n in names], weights=weights, template=stage.template,
-                              seed=recipe.seed + index, epochs=10**6, features=features)
+    sources = [sources[n] for n in names]
+    if isinstance(model, FamilyModel):  # its own chat template and processor (no feature cache)
+        return FamilyConversationStream(model, sources, weights=weights, template=stage.template,
+                                        seed=recipe.seed + index, epochs=10**6)
+    return ConversationStream(model, sources, weights=weights, template=stage.template, seed=recipe.seed + index,
+                              epochs=10**6, features=features)
+
+
+def _load_export(model: ZooModel | FamilyModel, export: Path) -> None:
+    """A finished stage's export back into the model (resume): a zoo checkpoint, or a transformers-native model's
+    transformers checkpoint."""
+    from zoo.checkpoint import load_weights
+
+    if isinstance(model, FamilyModel):
+        model.load_state_dict(zoo.load(export).state_dict())
+    else:
+        load_weights(model, export)
 
 
 def _stage_sources(stage: StageConfig, sources: dict) -> list:
@@ -495,16 +517,17 @@ def _run_stage(model: ZooModel, recipe: RecipeConfig, i: int, run_dir: Path, sou
     for action in stage.before:
         ACTIONS.get(action.action, field=f"stages[{i}].before.action")(model, action)
     if resume and done.exists():
-        from zoo.checkpoint import load_weights
-
         if stage.objective == "contrastive":  # the pretrained tower becomes the expert, as when the stage ran
             from .contrastive import OPEN_CLIP_DIR, pretrained_expert
 
             pretrained_expert(model, stage_dir / OPEN_CLIP_DIR, stage.contrastive.freeze)
-        load_weights(model, export)
+        _load_export(model, export)
         info["stages"][stage.name] = json.loads(done.read_text())
         log.info("stage %s: loaded its export (resume)", stage.name)
         return
+    if stage.objective == "contrastive" and isinstance(model, FamilyModel):
+        raise ConfigError(f"stages[{i}].objective: contrastive pretrains a zoo vision expert; {model.config.name} "
+                          "is a transformers-native model (its vision tower is transformers'): use objective lm")
     start = time.perf_counter()
     train = dataclasses.replace(stage.train, seed=recipe.seed + i)
     log.info("stage %d/%d %s (%s): %d steps of %d", i + 1, len(recipe.stages), stage.name, stage.objective,

@@ -60,9 +60,10 @@ def build_strategy(name: str, model: ZooModel, require_device: bool = True):
 
 def enable_gradient_checkpointing(model: ZooModel) -> None:
     """Recompute the LM's decoder layers (and trainable vision experts that support it) in the backward pass."""
-    if not getattr(model.lm, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"train.gradient_checkpointing: the LM {type(model.lm).__name__} does not support it")
-    model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = getattr(model, "hf", model.lm)  # a transformers-native model (zoo.families) checkpoints its own layers
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: the LM {type(lm).__name__} does not support it")
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for expert in model.vision.modules():
         if hasattr(expert, "set_grad_checkpointing") and any(p.requires_grad for p in expert.parameters()):
             expert.set_grad_checkpointing(True)

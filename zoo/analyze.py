@@ -27,9 +27,8 @@ from zoo.analysis import RoutingTotals, format_routing_table, routing_heatmap, r
 
 @torch.no_grad()
 def route_samples(model, benchmark, samples, batch_size: int = 16, progress: bool = False) -> RoutingTotals:
-    """Routing statistics of `model` over `samples` of a `zoo.eval.Benchmark` (its prompts, one image each)."""
-    from zoo.encoders import map_pixels
-
+    """Routing statistics of `model` over `samples` of a `zoo.eval.Benchmark` (its prompts, one image each); a zoo
+    model or a transformers-native one (`zoo.families`, through its processor and chat template)."""
     totals = RoutingTotals()
     starts = range(0, len(samples), batch_size)
     if progress:
@@ -39,10 +38,9 @@ def route_samples(model, benchmark, samples, batch_size: int = 16, progress: boo
     model.eval()
     for start in starts:
         batch = samples[start:start + batch_size]
-        ids, mask = model.collate_prompts([model.encode_prompt(benchmark.prompt(s)) for s in batch],
-                                          padding_side="right")
-        pixels = map_pixels(model.vision.preprocess([s.load_image() for s in batch]), lambda t: t.to(model.device))
-        out = model(ids.to(model.device), pixels, mask.to(model.device))
+        inputs = model.prompt_inputs([s.load_image() for s in batch], [benchmark.prompt(s) for s in batch],
+                                     padding_side="right")
+        out = model(**inputs)
         for layer, layer_stats in out.routing_stats.items():
             totals.add(layer, layer_stats)
     return totals

@@ -41,8 +41,10 @@ class Stage:
 class PublishedCount:
     """A parameter count the source publishes, checked against the zoo's count of the same part.
 
-    ``rounding``: ``nearest`` (within ``tolerance``, 2% by default) or ``truncated`` (the paper cut the figure to
-    one decimal of a billion: 2.06B printed as "2.0B", so the count must lie in [value, value + 0.1B)).
+    ``rounding``: ``nearest`` (within ``tolerance``, 2% by default) or ``truncated`` (the source cut the figure to
+    ``precision``, by default one decimal of a billion: 2.06B printed as "2.0B", so the count must lie in
+    [value, value + precision)). ``without_embeddings``: the source leaves the LM's token embeddings and output head
+    out (GLM's activated count), so they are taken off the zoo's count before comparing.
     """
 
     part: Literal["vision", "connector", "lm", "all"]
@@ -51,6 +53,8 @@ class PublishedCount:
     source: str
     rounding: Literal["nearest", "truncated"] = "nearest"
     tolerance: float = 0.02
+    precision: float = 1e8
+    without_embeddings: bool = False
 
 
 @dataclass
@@ -127,6 +131,10 @@ def _moe_text(moe: dict, default_experts: int = 4, default_k: int = 2) -> str:
 
 def part_summary(config: ModelConfig) -> dict[str, str]:
     """``vision``, ``connector``, ``lm`` and ``sparsity`` of a config as short text."""
+    if config.transformers is not None:
+        from zoo.families.spec import config_summary
+
+        return config_summary(config.transformers.config)
     vision = " + ".join(_vision_text(v) for v in config.vision_experts)
     connector = config.connector.kind if config.connector.kind != "mlp" else config.connector.projector
     if config.connector.kind in ("moe_mlp", "mocha"):
@@ -163,13 +171,14 @@ class CountCheck:
     def ok(self) -> bool:
         p = self.published
         if p.rounding == "truncated":
-            return p.value <= self.counted < p.value + 1e8
+            return p.value <= self.counted < p.value + p.precision
         return math.isclose(self.counted, p.value, rel_tol=p.tolerance)
 
     def __str__(self) -> str:
         p = self.published
-        rule = "truncated to 0.1B" if p.rounding == "truncated" else f"within {p.tolerance:.1%}"
-        return (f"{p.part} {p.kind}: published {billions(p.value)}, counted {billions(self.counted)} "
+        rule = f"truncated to {p.precision / 1e9:g}B" if p.rounding == "truncated" else f"within {p.tolerance:.1%}"
+        what = f"{p.part} {p.kind}" + (" without embeddings" if p.without_embeddings else "")
+        return (f"{what}: published {billions(p.value)}, counted {billions(self.counted)} "
                 f"({self.counted / p.value - 1:+.1%}; {rule}) {'ok' if self.ok else 'MISMATCH'}")
 
 
@@ -181,7 +190,8 @@ def published_checks(name: str) -> list[CountCheck]:
     checks = []
     for p in read_card(name).published:
         total, active = (counts.total, counts.active) if p.part == "all" else counts.parts[p.part]
-        checks.append(CountCheck(p, total if p.kind == "total" else active))
+        counted = total if p.kind == "total" else active
+        checks.append(CountCheck(p, counted - (counts.embeddings if p.without_embeddings else 0)))
     return checks
 
 
@@ -213,9 +223,14 @@ def render_card(name: str) -> str:
     out = [line for i, line in enumerate(out) if line or (i and out[i - 1])]
 
     parts = part_summary(config)
-    out += ["## Architecture", ""] + _table(["part", "zoo entry"], [[k, f"`{v}`"] for k, v in parts.items()] + [
-        ["fusion", f"`{config.fusion.mode}`" if len(config.vision_experts) > 1 else "one expert"],
-        ["prompt", f"`{config.prompt!r}`"]]) + [""]
+    if config.transformers is not None:  # a transformers-native model: its class, processor and chat template
+        extra = [["transformers", f"`{config.transformers.config['model_type']}`, its own forward, processor and "
+                  "chat template; sparse blocks swapped for zoo MoE layers"]]
+    else:
+        extra = [["fusion", f"`{config.fusion.mode}`" if len(config.vision_experts) > 1 else "one expert"],
+                 ["prompt", f"`{config.prompt!r}`"]]
+    out += ["## Architecture", ""] + _table(["part", "zoo entry"], [[k, f"`{v}`"] for k, v in parts.items()] + extra)
+    out += [""]
 
     counts = cached_param_counts(name)
     rows = [[part, billions(t), billions(a)] for part, (t, a) in counts.parts.items()]

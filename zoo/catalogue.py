@@ -63,12 +63,21 @@ def get_config(name_or_path: str | Path | ModelConfig) -> ModelConfig:
 def build(name_or_config: str | Path | ModelConfig, device: str | torch.device | None = None):
     """A fresh model from a catalogue name, a YAML path or a :class:`ModelConfig`.
 
-    Parts marked ``pretrained`` load their weights (local dir or offline cache); the rest start random.
+    Parts marked ``pretrained`` load their weights (local dir or offline cache); the rest start random. A config
+    with a ``transformers`` block builds a transformers-native model (`zoo.families.FamilyModel`).
     """
     from zoo.model import ZooModel
     from zoo.tokenizer import build_tokenizer
 
     config = get_config(name_or_config)
+    if config.transformers is not None:
+        from zoo.families import build_family
+
+        where = config.name  # errors name the YAML file the config came from, if any
+        if not isinstance(name_or_config, ModelConfig):
+            where = str(CATALOGUE.get(str(name_or_config)) if str(name_or_config) in CATALOGUE else name_or_config)
+        model = build_family(config, where=where)
+        return model.to(device) if device is not None else model
     model = ZooModel(config, build_tokenizer(config.tokenizer))
     return model.to(device) if device is not None else model
 
@@ -79,7 +88,7 @@ def resolve_hub_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
     except Exception as e:  # huggingface_hub raises several error types for "not available offline"
         raise MissingWeightsError(f"{repo_id!r}: not a local directory and not available from the hub or its offline "
                                   f"cache ({type(e).__name__}: {e})") from e
@@ -87,10 +96,13 @@ def resolve_hub_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 
 def load_dir(directory: str | Path, device: str | torch.device | None = None, verify: bool = False):
     """Load a checkpoint directory: a zoo checkpoint, a transformers ``LlavaForConditionalGeneration`` one (llava-hf
-    layout, converted exactly by :func:`zoo.convert.from_transformers`) or a released LLaVA, MoE-LLaVA or CuMo one
-    (:func:`zoo.released.from_released`; their vision tower is read from the name in their config). ``verify``: check
-    the files against the sha256 sums of the export's ``checksums.json`` first (zoo exports)."""
+    layout, converted exactly by :func:`zoo.convert.from_transformers`), a released LLaVA, MoE-LLaVA or CuMo one
+    (:func:`zoo.released.from_released`; their vision tower is read from the name in their config) or a transformers
+    checkpoint of a `zoo.families` model type (Qwen3-VL-MoE, GLM-4.5V, Llama 4, Aria, ERNIE-4.5-VL, Qwen3-Omni).
+    ``verify``: check the files against the sha256 sums of the export's ``checksums.json`` first (zoo exports and
+    the transformers-layout checkpoints `zoo.families` writes)."""
     from zoo.checkpoint import CONFIG_NAME, CheckpointError, verify_checksums
+    from zoo.families import FAMILIES, is_family_checkpoint, load_family
     from zoo.model import ZooModel
     from zoo.released import ReleasedCheckpointError, detect_layout, from_released
 
@@ -100,12 +112,15 @@ def load_dir(directory: str | Path, device: str | torch.device | None = None, ve
     config_path = directory / CONFIG_NAME
     try:
         meta = json.loads(config_path.read_text())
+        if is_family_checkpoint(meta) and meta["model_type"] in FAMILIES:
+            return load_family(directory, device=device)
         layout = detect_layout(meta)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: cannot read a checkpoint config ({e})") from e
     except ReleasedCheckpointError as e:
-        raise CheckpointError(f"{config_path}: neither a zoo checkpoint (no 'zoo_format'), a llava-hf one nor a "
-                              f"released LLaVA-family one ({e})") from e
+        raise CheckpointError(f"{config_path}: model_type {meta.get('model_type')!r} is not supported; supported: "
+                              f"zoo, llava-hf, llava, moe-llava, cumo checkpoints and the transformers model types "
+                              f"{', '.join(FAMILIES.names())}") from e
     if layout == "zoo":
         return ZooModel.from_pretrained(directory, device=device)
     if layout == "llava-hf":
@@ -126,8 +141,9 @@ def load(source: str | Path, device: str | torch.device | None = None, cache_dir
     """Load a trained model from a local checkpoint dir (zoo, llava-hf, or a released LLaVA / MoE-LLaVA / CuMo
     layout), a Hugging Face hub id (offline
     cache honoured; `cache_dir` overrides the hub cache location) or a catalogue name whose entry names released
-    ``weights`` (the entry's name and prompt template then apply). ``verify``: a local zoo export's files must match
-    the sha256 sums of its ``checksums.json`` (a mismatch names the file and both hashes)."""
+    ``weights`` (the entry's name and prompt template then apply). ``verify``: a local export's files (a zoo checkpoint, or
+    a transformers-layout one `zoo.families` wrote) must match the sha256 sums of its ``checksums.json`` (a mismatch
+    names the file and both hashes)."""
     path = Path(source)
     if path.is_dir():
         return load_dir(path, device=device, verify=verify)

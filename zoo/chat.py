@@ -3,7 +3,8 @@
 The first question fills the model config's ``prompt`` (its chat template: vicuna_v1 for LLaVA-1.5, Phi-3's for
 MoIIE, the bare ``<image>\\n{question}`` of the demo models); every answer is closed by EOS and a follow-up question
 is appended after it as plain text, the multi-turn layout the zoo trains (``zoo`` conversation template). The image
-is encoded with the first turn and stays in the conversation.
+is encoded with the first turn and stays in the conversation. A transformers-native model (`zoo.families`) renders
+its own chat template over the whole conversation at every turn instead.
 
 >>> chat = ChatSession(model, Image.open("shape.png"))
 >>> chat.ask("what color is the shape?")
@@ -34,8 +35,9 @@ class ChatSession:
             raise ValueError("chat: the model has no tokenizer")
         self.model = model.eval()
         self.max_new_tokens = max_new_tokens
-        self.pixels = map_pixels(model.vision.preprocess([image.convert("RGB")]), lambda t: t.to(model.device))
-        self.ids: list[int] = []  # the conversation so far, answers closed by EOS
+        self.native = hasattr(model, "chat_inputs")  # a transformers-native model: its chat template, its processor
+        self.turns: list[tuple[str, str]] = []  # ... and the conversation as turns
+        self.reset(image)
 
     def prompt_ids(self, question: str) -> list[int]:
         """The token ids the model continues for `question`: the prompt template on the first turn, else the
@@ -50,6 +52,14 @@ class ChatSession:
     def ask(self, question: str) -> str:
         """The model's greedy answer to `question` (which then becomes part of the conversation)."""
         model, tokenizer = self.model, self.model.tokenizer
+        if self.native:
+            if not question.strip():
+                raise ValueError("chat: empty question")
+            turns = self.turns + [("user", question.strip())]
+            new = model.generate(self.max_new_tokens, **model.chat_inputs(turns, [self.image]))[0]
+            answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+            self.turns = turns + [("assistant", answer)]
+            return answer
         ids = self.prompt_ids(question)
         room = model.config.max_length - (model.num_image_tokens - 1) - len(ids)
         if room < 1:
@@ -66,9 +76,10 @@ class ChatSession:
     def reset(self, image: Image.Image | None = None) -> None:
         """Forget the conversation (and switch to `image`, if given)."""
         if image is not None:
-            self.pixels = map_pixels(self.model.vision.preprocess([image.convert("RGB")]),
-                                     lambda t: t.to(self.model.device))
-        self.ids = []
+            self.image = image.convert("RGB")
+            if not self.native:
+                self.pixels = map_pixels(self.model.vision.preprocess([self.image]), lambda t: t.to(self.model.device))
+        self.ids, self.turns = [], []
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -127,8 +127,7 @@ def save_checkpoint(model: ZooModel, directory: str | Path) -> Path:
         with writing(directory):
             model.tokenizer.save_pretrained(directory)
         _keep_legacy_flag(model.tokenizer, directory)
-    write_text_atomic(directory / CHECKSUMS_NAME, json.dumps(
-        {name: sha256_of(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}, indent=2) + "\n")
+    write_checksums(directory, [CONFIG_NAME, WEIGHTS_NAME])
     return directory
 
 
@@ -143,6 +142,40 @@ def _keep_legacy_flag(tokenizer, directory: Path) -> None:
     config = json.loads(path.read_text())
     if config.get("legacy") != legacy:
         write_text_atomic(path, json.dumps({**config, "legacy": legacy}, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_checksums(directory: Path, names: list[str]) -> None:
+    """``checksums.json``: the sha256 of each of ``names`` (paths relative to ``directory``), written atomically."""
+    write_text_atomic(directory / CHECKSUMS_NAME, json.dumps(
+        {name: sha256_of(directory / name) for name in names}, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str | Path):
+    """For writers that write a whole directory themselves (transformers' ``save_pretrained``): yields a staging
+    directory beside ``directory``; once the block is done each file is renamed into ``directory`` (so no file there
+    is ever half-written, as with `save_checkpoint`) and ``checksums.json`` lists them all. Failures are
+    `WriteError`; the staging directory is removed either way."""
+    import shutil
+
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    with writing(directory):
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    try:
+        with writing(directory):
+            yield staging
+        names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*")
+                       if p.is_file() and p.name != CHECKSUMS_NAME)
+        for name in names:
+            target = directory / name
+            with writing(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / name, target)
+        write_checksums(directory, names)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def verify_checksums(directory: str | Path) -> None:

@@ -478,6 +478,15 @@ class ZooModel(nn.Module):
         """Pad token-id lists to ``input_ids`` and ``attention_mask`` ``[B, T]`` with the tokenizer's pad id."""
         return pad_token_ids(prompts, self.tokenizer.pad_token_id, padding_side)
 
+    def prompt_inputs(self, images: Sequence[Image.Image], questions: Sequence[str],
+                      padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """Model inputs for one question about each image (``input_ids``, ``attention_mask``, ``pixel_values``) on
+        the model's device: the prompt template, the tokenizer and the vision experts' preprocessing (left padding for
+        generation). `zoo.families.FamilyModel` gives the same through its processor and chat template."""
+        ids, mask = self.collate_prompts([self.encode_prompt(q) for q in questions], padding_side)
+        pixels = map_pixels(self.vision.preprocess(images), lambda t: t.to(self.device))
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "pixel_values": pixels}
+
     @torch.no_grad()
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8,
                batch_size: int = 16, progress: bool = False) -> list[str]:
@@ -496,11 +505,8 @@ class ZooModel(nn.Module):
             starts = tqdm(starts, desc="answering", unit="batch")
         try:
             for start in starts:
-                qs = questions[start:start + batch_size]
-                ids, mask = self.collate_prompts([self.encode_prompt(q) for q in qs])
-                pixels = map_pixels(self.vision.preprocess(images[start:start + batch_size]),
-                                    lambda t: t.to(self.device))
-                new = self.generate(pixels, ids.to(self.device), mask.to(self.device), max_new_tokens)
+                batch = self.prompt_inputs(images[start:start + batch_size], questions[start:start + batch_size])
+                new = self.generate(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], max_new_tokens)
                 answers += [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         finally:
             self.train(was_training)

@@ -33,6 +33,7 @@ class ParamCounts:
     total: int
     active: int
     parts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    embeddings: int = 0  # the LM's token embeddings and output head (counted in total and active; cards may omit them)
 
     def __str__(self) -> str:
         def b(n: int) -> str:
@@ -104,6 +105,10 @@ def build_on_meta(name_or_config: str | Path | ModelConfig) -> nn.Module:
     from zoo.tokenizer import build_tokenizer
 
     config = copy.deepcopy(get_config(name_or_config))
+    if config.transformers is not None:  # a transformers-native model: its own config holds the vocabulary
+        from zoo.families import build_family
+
+        return build_family(config, meta=True)
     for expert in config.vision_experts:
         expert.pretrained = False
     config.lm.pretrained = False
@@ -127,10 +132,11 @@ def param_counts(model_or_name: nn.Module | str | Path | ModelConfig) -> ParamCo
     """Total and active parameters of a model (a `zoo.ZooModel`, any ``nn.Module``) or of a catalogue name / YAML /
     `ModelConfig`, which is built on the meta device (no weights, no memory), so real-size entries can be counted.
 
-    ``parts`` splits a `ZooModel` into ``vision``, ``connector`` and ``lm``; another module is one part, ``model``.
+    ``parts`` splits a `ZooModel` into ``vision``, ``connector`` and ``lm`` (a `zoo.families.FamilyModel` into its
+    own parts: ``vision``, ``lm``, ``connector`` where it has one, ...); another module is one part, ``model``.
     """
     model = model_or_name if isinstance(model_or_name, nn.Module) else build_on_meta(model_or_name)
-    names = ("vision", "connector", "lm")
+    names = getattr(model, "part_names", ("vision", "connector", "lm"))  # a FamilyModel names its own parts
     if all(isinstance(getattr(model, n, None), nn.Module) for n in names):
         parts = {n: count_module(getattr(model, n)) for n in names}
         rest = count_module(model)
@@ -140,7 +146,16 @@ def param_counts(model_or_name: nn.Module | str | Path | ModelConfig) -> ParamCo
     else:
         parts = {"model": count_module(model)}
     return ParamCounts(total=sum(t for t, _ in parts.values()), active=sum(a for _, a in parts.values()),
-                       parts=parts)
+                       parts=parts, embeddings=embedding_parameters(model))
+
+
+def embedding_parameters(model: nn.Module) -> int:
+    """Parameters of the language model's input embeddings and output head (tied ones once): what model cards that
+    count "non-embedding" parameters (GLM's activated count) leave out. 0 for a module without them."""
+    lm = getattr(model, "generator", None) or getattr(model, "lm", None) or model  # FamilyModel, ZooModel, an LM
+    modules = [getattr(lm, name, lambda: None)() for name in ("get_input_embeddings", "get_output_embeddings")]
+    unique = {id(p): p for m in modules if m is not None for p in m.parameters()}
+    return _numel(unique.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,11 +215,12 @@ def cached_param_counts(name_or_config: str | Path | ModelConfig) -> ParamCounts
         stored = {}
     if key in stored:
         entry = stored[key]
-        counts = ParamCounts(entry["total"], entry["active"], {k: tuple(v) for k, v in entry["parts"].items()})
+        counts = ParamCounts(entry["total"], entry["active"], {k: tuple(v) for k, v in entry["parts"].items()},
+                             entry.get("embeddings", 0))
     else:
         counts = param_counts(config)
         stored[key] = {"name": config.name, "total": counts.total, "active": counts.active,
-                       "parts": {k: list(v) for k, v in counts.parts.items()}}
+                       "parts": {k: list(v) for k, v in counts.parts.items()}, "embeddings": counts.embeddings}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -34,10 +34,11 @@ class MoEConfig:
     top_p: float = 0.5  # router "top_p": experts added until their cumulative probability passes top_p (<= top_k)
     expert_choice_factor: float = 2.0  # router "expert_choice": each expert takes C = ceil(T * factor / E) tokens
     null_experts: int = 0  # zero-compute experts a token may pick (AdaMoE / MoE++)
-    num_groups: int = 1  # router "sigmoid_bias": experts split in groups for group-limited selection
+    num_groups: int = 1  # routers "sigmoid_bias" / "softmax_bias": experts split in groups for group-limited selection
     topk_groups: int = 1  # ... of which this many groups are kept per token
     routed_scaling: float = 1.0  # gates multiplied by this after (re)normalisation (DeepSeek-V3: 2.5)
-    bias_update_rate: float = 0.001  # router "sigmoid_bias": gamma of the aux-loss-free bias update
+    gate_input: bool = False  # Llama 4: the gate scales the expert's input, expert(g x), instead of its output
+    bias_update_rate: float = 0.001  # routers "sigmoid_bias" / "softmax_bias": gamma of the aux-loss-free bias update
     router_init_std: float = 0.02
     # capacity (None: dropless)
     capacity_factor: float | None = None

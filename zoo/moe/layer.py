@@ -3,7 +3,8 @@
     y = shared(x) + ascend( sum_{kept slots s of x} g_s * expert_{e_s}( descend(x) ) )
 
 ``shared`` is the fused always-on FFN (optionally sigmoid-gated, Qwen2-MoE); ``descend``/``ascend`` exist only for
-BigMac (``bigmac_rank``), otherwise they are the identity. Every call returns the output with its unscaled aux
+BigMac (``bigmac_rank``), otherwise they are the identity. With ``gate_input`` (Llama 4) the gate scales what the
+expert reads instead: ``expert_{e_s}(g_s * x)``. Every call returns the output with its unscaled aux
 losses and routing statistics (`MoEOutput`), so no hooks are needed to watch the routing.
 """
 
@@ -189,7 +190,14 @@ class MoELayer(nn.Module):
         weight = self.combine_weights(routing, keep)
         real = keep & (routing.expert < cfg.num_experts)
         expert_in = tokens if self.descend is None else self.descend(tokens)
-        routed = self.dispatch(self.experts, expert_in, routing.token[real], routing.expert[real], weight[real])
+        if cfg.gate_input:  # Llama 4: each slot runs its expert on the gated token, y_t = sum_s expert_s(g_s x_t)
+            slot_token = routing.token[real]
+            slot_in = expert_in[slot_token] * weight[real].to(expert_in.dtype).unsqueeze(-1)
+            slots = torch.arange(slot_in.shape[0], device=x.device)
+            per_slot = self.dispatch(self.experts, slot_in, slots, routing.expert[real], torch.ones_like(weight[real]))
+            routed = per_slot.new_zeros(expert_in.shape[0], per_slot.shape[1]).index_add_(0, slot_token, per_slot)
+        else:
+            routed = self.dispatch(self.experts, expert_in, routing.token[real], routing.expert[real], weight[real])
         if self.ascend is not None:
             routed = self.ascend(routed)
         routed = routed.to(x.dtype)

@@ -12,6 +12,8 @@ Registered names (``MoEConfig.router``):
 - ``expert_choice``: each expert takes its C = ceil(T * expert_choice_factor / E) best tokens (Zhou et al., 2022).
 - ``sigmoid_bias``: DeepSeek-V3: top-k of sigmoid(z) + b with group-limited selection; gates use sigmoid(z) only;
   b moves by the aux-loss-free update (`update_bias`).
+- ``softmax_bias``: ERNIE 4.5: the same with softmax(z) in place of sigmoid(z).
+- ``sigmoid_topk``: Llama 4: top-k of the logits; each gate is sigmoid(z) of its expert (raw unless ``renormalize``).
 - ``top_p``: dynamic routing: experts in order of probability until their cumulative probability reaches ``top_p``
   (at least 1, at most ``top_k``).
 """
@@ -168,9 +170,13 @@ class SigmoidBiasRouter(Router):
         self.register_buffer("bias", torch.zeros(self.num_choices))
         self.register_buffer("load", torch.zeros(self.num_choices), persistent=False)
 
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The per-expert scores that the bias shifts for selection and the gates are taken from."""
+        return logits.sigmoid()
+
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.logits(x)
-        scores = logits.sigmoid()
+        scores = self.scores(logits)
         choice = scores + self.bias
         groups = self.config.num_groups
         if groups > 1:
@@ -204,6 +210,30 @@ class SigmoidBiasRouter(Router):
             self.bias += rate * torch.sign(load.mean() - load)
         self.load.zero_()
         return load
+
+
+@ROUTERS.register("softmax_bias")
+class SoftmaxBiasRouter(SigmoidBiasRouter):
+    """ERNIE 4.5: p = softmax(z); experts chosen by top-k of p + b (b: ``bias``, moved like DeepSeek-V3's); the gates
+    are p of the chosen experts, normalised when ``renormalize``."""
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(dim=-1)
+
+
+@ROUTERS.register("sigmoid_topk")
+class SigmoidTopKRouter(Router):
+    """Llama 4: the experts of the top-k logits, each gated by sigmoid(z) of its logit (raw unless ``renormalize``).
+    With ``gate_input`` the layer scales the expert's input by the gate rather than its output, as Llama 4 does."""
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = self.logits(x)
+        scores = logits.sigmoid()
+        index = logits.topk(self.top_k, dim=-1).indices
+        token, expert, score, rank = self.topk_slots(scores, index)
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+        return Routing(token, expert, score, rank, logits, probs, normalize=self.config.renormalize,
+                       scale=self.config.routed_scaling)
 
 
 @ROUTERS.register("top_p")
