@@ -21,12 +21,11 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from zoo.errors import ConfigError
+from zoo.registry import Registry, UnknownPartError
+
 T = TypeVar("T")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message starts with the full path of the bad field."""
 
 
 def _type_name(tp: Any) -> str:
@@ -164,6 +163,10 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # The model config: one block per part. `kind` names the registered implementation of each part.
 
+# Named vision experts (``vision.expert``): name -> `VisionConfig` fields. `zoo.encoders.named` registers the entries
+# (it is imported with `zoo.encoders`, which `zoo` imports), so the config expands a name without importing encoders.
+VISION_EXPERTS: Registry[dict[str, Any]] = Registry("vision expert")
+
 
 @dataclass
 class VisionConfig:
@@ -193,9 +196,6 @@ class VisionConfig:
         name = data.get("expert")
         if name is None:
             return data
-        from zoo.encoders.named import VISION_EXPERTS
-        from zoo.registry import UnknownPartError
-
         try:
             entry = VISION_EXPERTS.get(str(name), field=f"{path}.expert" if path else "expert")
         except UnknownPartError as e:
