@@ -97,7 +97,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     if args.what != "llava-to-wds":  # a checkpoint: SRC DST
-        from zoo.released import convert_checkpoint
+        from zoo.catalogue import convert_checkpoint
 
         if args.source is None:
             raise SystemExit("zoo convert: give the source checkpoint directory and the destination: zoo convert SRC DST")
