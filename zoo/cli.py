@@ -131,8 +131,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import zoo
-    from zoo.analysis import format_routing_table
     from zoo.analyze import analyze_routing
+    from zoo.routing_report import format_routing_table
 
     model = zoo.load(args.model, device=args.device)
     out = args.out or f"runs/analysis/{model.config.name}"
