@@ -14,6 +14,8 @@ from zoo import images
 from zoo.config import ConfigError, VisionConfig
 from zoo.registry import Registry
 
+from .multiscale import MultiScaleExpert
+
 ENCODERS: Registry[type[VisionExpert]] = Registry("encoder")
 
 
@@ -134,8 +136,6 @@ def build_encoder(config: VisionConfig, name: str = "vision", path: str = "visio
     if config.sparsity is not None:
         sparsify_expert(expert, config.sparsity, path=f"{path}.sparsity", name=name)
     if config.scales and config.scales != [1]:
-        from .multiscale import MultiScaleExpert
-
         expert = MultiScaleExpert(expert, config.scales)
     if config.dtype is not None:
         expert.to(getattr(torch, config.dtype))

@@ -18,8 +18,6 @@ from torch import nn
 
 from zoo.config import ConfigError, VisionConfig
 
-from .base import VisionExpert
-
 
 def split_chessboard(x: torch.Tensor, s: int) -> torch.Tensor:
     """``[B, C, s*H, s*W]`` -> ``[s*s*B, C, H, W]``: crops in row-major order, crop-major along the batch."""
@@ -40,9 +38,10 @@ def merge_chessboard(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 class MultiScaleExpert(nn.Module):
-    """An expert read at several scales (see the module docstring); ``expert`` is the wrapped `VisionExpert`."""
+    """An expert read at several scales (see the module docstring); ``expert`` is the wrapped expert, a
+    `zoo.encoders.base.VisionExpert` (whose `build_encoder` makes this wrapper, so this module does not import it)."""
 
-    def __init__(self, expert: VisionExpert, scales: Sequence[int]):
+    def __init__(self, expert: nn.Module, scales: Sequence[int]):
         super().__init__()
         if expert.num_prefix_tokens and not expert.config.drop_prefix:
             raise ConfigError("vision.drop_prefix: multi-scale features merge patch grids; prefix tokens (CLS, "

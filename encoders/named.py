@@ -11,10 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from zoo.config import VisionConfig, from_dict
-from zoo.registry import Registry
+from zoo.config import VISION_EXPERTS, VisionConfig, from_dict
 
-VISION_EXPERTS: Registry[dict[str, Any]] = Registry("vision expert")
 TINY_SUFFIX = "-tiny"
 
 

@@ -13,8 +13,9 @@ from test_convert import IMG, VOCAB, _pad, assert_parity, llava_logits, tiny_lla
 from transformers import CLIPVisionModel
 
 import zoo
+from zoo.catalogue import convert_checkpoint
 from zoo.cli import main
-from zoo.released import ReleasedCheckpointError, convert_checkpoint, detect_layout, from_released
+from zoo.released import ReleasedCheckpointError, detect_layout, from_released
 from zoo.tokenizer import train_word_tokenizer
 
 ROWS = [[5, 6, IMG, 7, 8, 9, 10], [11, IMG, 12, 13]]  # one image per sample; IMG = llava-hf's image id

@@ -1,4 +1,4 @@
-"""The routing callback (zoo.train.routing) and the routing tables and heatmaps of zoo.analysis: closed-form counts
+"""The routing callback (zoo.train.routing) and the routing tables and heatmaps of zoo.routing_report: closed-form counts
 of routed image tokens, totals over calls, the per-stage CSV and PNG."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import zoo
-from zoo.analysis import RoutingTotals, format_routing_table, routing_heatmap, routing_load_table
 from zoo.moe.layer import RoutingStats
+from zoo.routing_report import RoutingTotals, format_routing_table, routing_heatmap, routing_load_table
 from zoo.train import TrainConfig, fit, load_easy_vqa
 from zoo.train.conversations import Conversation, ConversationStream
 from zoo.train.routing import RoutingMonitor

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 
-from zoo.analysis import RoutingTotals, routing_heatmap, routing_load_table
+from zoo.routing_report import RoutingTotals, routing_heatmap, routing_load_table
 
 
 class RoutingMonitor(L.Callback):
@@ -48,7 +48,7 @@ class RoutingMonitor(L.Callback):
         self.totals.load_state_dict(state["totals"])
 
     def rows(self) -> list[dict]:
-        """`zoo.analysis.routing_load_table` rows over everything seen so far."""
+        """`zoo.routing_report.routing_load_table` rows over everything seen so far."""
         return routing_load_table(self.totals.stats())
 
     def summary(self) -> dict[str, dict]:

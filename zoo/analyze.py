@@ -3,10 +3,10 @@
 The analysis MoE-LLaVA draws offline: the model reads each benchmark's questions (image + prompt, teacher-forced,
 no generation) and every routed layer's statistics (`ZooOutput.routing_stats`: sparse LM layers, split into image
 and text tokens; sparse vision blocks; MoE connectors) are summed per benchmark with
-`zoo.analysis.RoutingTotals`. Written to ``out_dir``:
+`zoo.routing_report.RoutingTotals`. Written to ``out_dir``:
 
-* ``routing.md``: one table per benchmark (`zoo.analysis.format_routing_table`: load per expert, drop rate, entropy,
-  max/mean load per layer and modality) and a table of each layer's image and text load across benchmarks;
+* ``routing.md``: one table per benchmark (`zoo.routing_report.format_routing_table`: load per expert, drop rate,
+  entropy, max/mean load per layer and modality) and a table of each layer's image and text load across benchmarks;
 * ``routing-<benchmark>.png``: the load heatmap of one benchmark (rows: layer x modality, columns: experts);
 * ``routing-by-benchmark.png``: rows benchmark x layer x modality, the same colour scale;
 * ``routing.json``: the rows, for plotting elsewhere.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.analysis import RoutingTotals, format_routing_table, routing_heatmap, routing_load_table
+from zoo.routing_report import RoutingTotals, format_routing_table, routing_heatmap, routing_load_table
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def analyze_routing(model, benchmarks: Sequence[str] = ("easy-vqa",), data: str 
                     limit: int | None = 256, batch_size: int = 16, out_dir: str | Path = "runs/analysis",
                     progress: bool = False) -> dict[str, list[dict]]:
     """Route the first `limit` questions of each benchmark through `model` and write the tables and heatmaps of the
-    module docstring into `out_dir`. Returns ``{benchmark: rows}`` (`zoo.analysis.routing_load_table` rows).
+    module docstring into `out_dir`. Returns ``{benchmark: rows}`` (`zoo.routing_report.routing_load_table` rows).
     A model without routed layers is an error (there is nothing to analyse)."""
     from zoo.eval import get_benchmark
 

@@ -1,4 +1,5 @@
-"""The catalogue (``configs/models/*.yaml``) and the public entry points ``build``, ``load``, ``list_models``."""
+"""The catalogue (``configs/models/*.yaml``) and the public entry points ``build``, ``load``, ``list_models`` and
+``convert_checkpoint`` (``zoo convert``)."""
 
 from __future__ import annotations
 
@@ -134,6 +135,18 @@ def load_dir(directory: str | Path, device: str | torch.device | None = None, ve
     else:
         model = from_released(directory)
     return model.to(device) if device is not None else model
+
+
+def convert_checkpoint(source: str | Path, destination: str | Path, vision_tower: str | None = None) -> Path:
+    """`zoo convert SRC DST`: read any supported checkpoint (zoo, llava-hf, or a released layout) and write it as a
+    zoo checkpoint (``config.json`` + ``model.safetensors`` + tokenizer). ``vision_tower``: as for
+    :func:`zoo.released.from_released`, for a released layout whose checkpoint does not hold its tower."""
+    from zoo.released import detect_layout, from_released, read_config
+
+    source = Path(source)
+    layout = detect_layout(read_config(source))
+    model = load_dir(source) if layout in ("zoo", "llava-hf") else from_released(source, vision_tower=vision_tower)
+    return model.save_pretrained(destination)
 
 
 def load(source: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None,

@@ -17,15 +17,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from zoo.config import ConfigError, ModelConfig
 from zoo.errors import UserError
-
-if TYPE_CHECKING:
-    from zoo.model import ZooModel
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -108,7 +105,18 @@ def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: state[name].contiguous() for name in sorted(kept.values())}
 
 
-def save_checkpoint(model: ZooModel, directory: str | Path) -> Path:
+class SavableModel(Protocol):
+    """What `save_checkpoint` needs of a model: its tensors, the config that rebuilds it and its tokenizer (or None).
+    `zoo.model.ZooModel` is one; this module sits below the model (which saves and loads through it)."""
+
+    tokenizer: Any
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def resolved_config(self) -> ModelConfig: ...
+
+
+def save_checkpoint(model: SavableModel, directory: str | Path) -> Path:
     """Write `model` to `directory` atomically per file (a crash never leaves a half-written file in place), with
     ``checksums.json`` (sha256 per file). The same weights and config give byte-identical files."""
     from safetensors.torch import save_file

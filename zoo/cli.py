@@ -140,7 +140,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     if args.what != "llava-to-wds":  # a checkpoint: SRC DST
-        from zoo.released import convert_checkpoint
+        from zoo.catalogue import convert_checkpoint
 
         if args.source is None:
             raise UsageError("give the source checkpoint directory and the destination: zoo convert SRC DST")
@@ -175,8 +175,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import zoo
-    from zoo.analysis import format_routing_table
     from zoo.analyze import analyze_routing
+    from zoo.routing_report import format_routing_table
 
     model = zoo.load(args.model, device=args.device)
     out = args.out or f"runs/analysis/{model.config.name}"

@@ -22,14 +22,11 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from zoo.errors import UserError
+from zoo.errors import ConfigError
+from zoo.registry import Registry, UnknownPartError
 
 T = TypeVar("T")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(UserError, ValueError):
-    """A config value or key is invalid; the message starts with the full path of the bad field."""
 
 
 def _type_name(tp: Any) -> str:
@@ -177,6 +174,10 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # The model config: one block per part. `kind` names the registered implementation of each part.
 
+# Named vision experts (``vision.expert``): name -> `VisionConfig` fields. `zoo.encoders.named` registers the entries
+# (it is imported with `zoo.encoders`, which `zoo` imports), so the config expands a name without importing encoders.
+VISION_EXPERTS: Registry[dict[str, Any]] = Registry("vision expert")
+
 
 @dataclass
 class VisionConfig:
@@ -206,9 +207,6 @@ class VisionConfig:
         name = data.get("expert")
         if name is None:
             return data
-        from zoo.encoders.named import VISION_EXPERTS
-        from zoo.registry import UnknownPartError
-
         try:
             entry = VISION_EXPERTS.get(str(name), field=f"{path}.expert" if path else "expert")
         except UnknownPartError as e:

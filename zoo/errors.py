@@ -23,6 +23,12 @@ class UserError(Exception):
     is_error = True
 
 
+class ConfigError(UserError, ValueError):
+    """A config value or key is invalid; the message starts with the full path of the bad field. It lives here, below
+    `zoo.moe` (which raises it for `MoEConfig`) and `zoo.config`; ``from zoo.config import ConfigError`` keeps
+    working."""
+
+
 class DataFileError(UserError, ValueError):
     """A data file that cannot be read at all (not JSON, not a shard); bad records in a readable file are counted
     skips instead."""

@@ -176,9 +176,7 @@ def _code_digest() -> str:
     source of the zoo packages that assemble them (so an edited connector never reads a stale count)."""
     import importlib.metadata as md
 
-    import zoo
-    import zoo.connectors
-    import zoo.encoders
+    from zoo import connectors, encoders
 
     h = hashlib.sha256()
     for dist in ("torch", "transformers", "timm", "open_clip_torch"):
@@ -186,8 +184,7 @@ def _code_digest() -> str:
             h.update(f"{dist}={md.version(dist)};".encode())
         except md.PackageNotFoundError:
             h.update(f"{dist}=none;".encode())
-    for package in (zoo, zoo.encoders, zoo.connectors):
-        root = Path(package.__file__).parent
+    for root in (Path(__file__).parent, Path(encoders.__file__).parent, Path(connectors.__file__).parent):
         for path in sorted(root.rglob("*.py")):
             h.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
     return h.hexdigest()

@@ -20,7 +20,7 @@ Every tensor is placed by name and checked by shape; a tensor left over or missi
 Safetensors are preferred; ``.bin`` / ``.pt`` files are read with ``torch.load(weights_only=True)`` only.
 
 >>> model = zoo.released.from_released("path/to/llava-v1.5-7b", vision_tower="path/to/clip-vit-large-patch14-336")
->>> zoo.released.convert_checkpoint("path/to/MoE-LLaVA-Phi2-2.7B-4e", "runs/moe-llava-phi2")   # `zoo convert`
+>>> zoo.catalogue.convert_checkpoint("path/to/MoE-LLaVA-Phi2-2.7B-4e", "runs/moe-llava-phi2")   # `zoo convert`
 
 Where each name and rule was read from
 --------------------------------------
@@ -403,14 +403,3 @@ def from_released(directory: str | Path, vision_tower: str | None = None, tokeni
         raise ReleasedCheckpointError(f"{sorted(state)[0]}: a tensor of the checkpoint that no zoo part holds "
                                       f"({len(state)} left over)")
     return model.eval()
-
-
-def convert_checkpoint(source: str | Path, destination: str | Path, vision_tower: str | None = None) -> Path:
-    """`zoo convert SRC DST`: read any supported checkpoint (zoo, llava-hf, or a released layout) and write it as a
-    zoo checkpoint (``config.json`` + ``model.safetensors`` + tokenizer)."""
-    from zoo.catalogue import load_dir
-
-    source = Path(source)
-    layout = detect_layout(read_config(source))
-    model = load_dir(source) if layout in ("zoo", "llava-hf") else from_released(source, vision_tower=vision_tower)
-    return model.save_pretrained(destination)

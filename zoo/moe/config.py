@@ -8,10 +8,18 @@ an error names the field (``top_k: must be <= num_experts (4), got 5``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from zoo.config import ConfigError
+from zoo.errors import ConfigError
+from zoo.registry import Registry
+
+# The names ``router`` and ``backend`` may take. The routers (`zoo.moe.routing`) and dispatch backends
+# (`zoo.moe.dispatch`) register themselves here, so the config checks a name without importing them; `zoo.moe`
+# imports both modules, so they are registered whenever this one is imported.
+ROUTERS: Registry[type] = Registry("router")
+DISPATCHERS: Registry[Callable[..., Any]] = Registry("dispatch backend")
 
 
 @dataclass
@@ -60,9 +68,6 @@ class MoEConfig:
     z_loss: bool = True
 
     def __post_init__(self) -> None:
-        from zoo.moe.dispatch import DISPATCHERS
-        from zoo.moe.routing import ROUTERS
-
         def bad(field: str, why: str) -> ConfigError:
             return ConfigError(f"{field}: {why}, got {getattr(self, field)!r}")
 

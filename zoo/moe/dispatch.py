@@ -17,11 +17,9 @@ from collections.abc import Callable
 
 import torch
 
+from zoo.moe.config import DISPATCHERS
 from zoo.moe.experts import StackedExperts
 from zoo.moe.routing import position_in_expert
-from zoo.registry import Registry
-
-DISPATCHERS: Registry[Callable[..., torch.Tensor]] = Registry("dispatch backend")
 
 
 def _combine(x: torch.Tensor, token: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -22,18 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.registry import Registry
-
-if TYPE_CHECKING:
-    from zoo.moe.config import MoEConfig
-
-ROUTERS: Registry[type[Router]] = Registry("router")
+from zoo.moe.config import ROUTERS, MoEConfig
 
 
 @dataclass

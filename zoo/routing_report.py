@@ -1,6 +1,8 @@
-"""Routing analysis: expert load, drop rate and router entropy per layer and modality, as table rows and heatmaps.
+"""Routing report (a library): expert load, drop rate and router entropy per layer and modality, as table rows and
+heatmaps.
 
-Used by the training routing callback (`zoo.train.routing.RoutingMonitor`) and meant for ``zoo analyze routing``:
+Used by the training routing callback (`zoo.train.routing.RoutingMonitor`) and by the ``zoo analyze routing`` command
+(`zoo.analyze`, which runs benchmarks through a model and writes the report):
 
 >>> totals = RoutingTotals()
 >>> totals.add("lm.layers.0", out.routing_stats["lm.layers.0"])   # a ZooOutput's per-layer RoutingStats
