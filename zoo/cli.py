@@ -1,5 +1,5 @@
 """The ``zoo`` command: ``list``, ``card``, ``build``, ``params``, ``train``, ``convert``, ``chat``, ``analyze``,
-``demo``, ``eval``."""
+``demo``, ``eval``, ``serve``."""
 
 from __future__ import annotations
 
@@ -135,6 +135,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from zoo.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+          api_key=args.api_key, allowed_root=args.allowed_root, max_image_bytes=args.max_image_bytes,
+          device=args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zoo`` command line."""
     parser = argparse.ArgumentParser(prog="zoo", description="Assemble, train and evaluate vision-language models.")
@@ -216,6 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("serve", help="a web page (chat, experts view) and an OpenAI-compatible API for a model")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint dir, hub id or catalogue name (default: "
+                   "runs/demo/model)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests answered together at most (dynamic batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to join")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and KEY as the page's "
+                   "password (default: $ZOO_API_KEY; none: open)")
+    p.add_argument("--allowed-root", default=None, help="image_url may name local files under this folder")
+    p.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_serve)
     args = parser.parse_args(argv)
     return args.func(args)
 
