@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
-import urllib3
 from PIL import Image
 from serving import ServerProcess, data_url
 
@@ -96,7 +95,7 @@ def test_concurrent_requests_are_batched_and_greedy_answers_do_not_depend_on_the
                                  cases))
     assert together[:4] == alone
     assert together == model.answer([im for _, im in cases], [q for q, _ in cases])
-    metrics = urllib3.request("GET", f"{server['url']}/metrics").data.decode()
+    metrics = httpx.get(f"{server['url']}/metrics").text
     largest = int(re.search(r"zoo_batch_size_max\{[^}]*\} (\d+)", metrics).group(1))
     assert largest > 1  # some requests shared a generate call
 
@@ -168,10 +167,11 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
 def test_malformed_json_and_missing_key_are_refused(server):
     url = f"{server['url']}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    reply = urllib3.request("POST", url, body=b'{"model": "x", "messages": [', headers=headers)
-    assert reply.status == 400 and "not valid JSON" in json.loads(reply.data)["error"]["message"]
+    reply = httpx.post(url, content=b'{"model": "x", "messages": [', headers=headers)
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
     for auth in ({}, {"Authorization": "Bearer wrong"}):
-        reply = urllib3.request("GET", f"{server['url']}/v1/models", headers=auth)
-        assert reply.status == 401 and json.loads(reply.data)["error"]["code"] == "invalid_api_key"
+        reply = httpx.get(f"{server['url']}/v1/models", headers=auth)
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server['url']}/config").status_code == 401  # the page's API wants the login too
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server['url']}/v1", api_key="wrong", max_retries=0).models.list()
