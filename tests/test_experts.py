@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomise
+from conftest import randomise, tiny_config
 from PIL import Image
 
 import zoo
@@ -29,9 +29,29 @@ def capture_input(module: torch.nn.Module, run):
     return seen[-1]  # the last call (a multi-scale tower runs its blocks once per scale)
 
 
-def test_lm_layer_patches_and_text_tokens_follow_the_router(demo_checkpoint):
-    model = demo_checkpoint["model"]
-    image = Image.open(demo_checkpoint["image"]).convert("RGB")
+@pytest.fixture(scope="module")
+def random_routers():
+    """A fresh sparse tiny-llava (MoE-LLaVA's layout, dropless) with random routers, and a noise image whose patches
+    go to different experts, so a transposed or shifted grid cannot pass. (The trained demo-style checkpoint sends
+    every patch of its test image to one expert: its routers specialised by modality.)"""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = zoo.build(tiny_config()).eval()
+    model.sparsify({"layers": "every_other_even", "init": "upcycle",
+                    "moe": {"num_experts": 4, "top_k": 2, "router": "softmax_topk", "renormalize": True}})
+    randomise(model, "router", std=1.0, seed=1)
+    return model, Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def trained(demo_checkpoint):
+    return demo_checkpoint["model"], Image.open(demo_checkpoint["image"]).convert("RGB")
+
+
+@pytest.mark.parametrize("which", ["trained", "random_routers"])
+def test_lm_layer_patches_and_text_tokens_follow_the_router(request, which):
+    model, image = request.getfixturevalue(which)
     ids = model.encode_prompt("what color is the shape?") + model.encode_answer("red")[:-1]
     sparse = model.lm.model.layers[0].mlp
     hidden = capture_input(sparse, lambda: expert_map(model, image, ids))  # [1, T', d]: what the router read
@@ -41,19 +61,21 @@ def test_lm_layer_patches_and_text_tokens_follow_the_router(demo_checkpoint):
     image_positions = torch.arange(1, 17)  # <s> then the image block (prompt "<image>\n{question}")
     assert torch.equal(layer.experts.reshape(16, 2), experts[image_positions])
     torch.testing.assert_close(layer.weights.reshape(16, 2), gates[image_positions])
+    assert torch.equal(layer.grid.flatten(), experts[image_positions, 0])
     text_positions = [0, *range(17, hidden.shape[1])]
     tokens = ["<s>", *model.tokenizer.convert_ids_to_tokens(ids[2:])]
     assert layer.text == list(zip(tokens, experts[text_positions, 0].tolist()))
     assert tokens[-1] == "red"  # the answer's tokens are part of the view
-    assert len(set(layer.grid.flatten().tolist())) > 1  # a trained router does not send every patch to one expert
+    if which == "random_routers":
+        assert len(set(layer.grid.flatten().tolist())) > 2  # the patches went to different experts
     assert layer.patch_rows()[5] == [1, 1, *(f"expert {int(e)}: {float(w):.2f}" for e, w in
                                              zip(layer.experts[1, 1], layer.weights[1, 1]))]
 
 
-def test_heatmap_has_one_cell_per_patch_in_its_experts_colour(demo_checkpoint):
-    model = demo_checkpoint["model"]
-    image = Image.open(demo_checkpoint["image"]).convert("RGB")
+def test_heatmap_has_one_cell_per_patch_in_its_experts_colour(random_routers):
+    model, image = random_routers
     (layer,) = expert_map(model, image, model.encode_prompt("is there a circle?"))
+    assert len(set(layer.grid.flatten().tolist())) > 2
     picture = heatmap(layer, cell=20)
     assert picture.size == (4 * 20, 4 * 20)
     for r in range(4):

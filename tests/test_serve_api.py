@@ -141,7 +141,7 @@ BAD = [  # (what, request fields, status, words of the message)
     ("remote url", {"image": "https://example.com/a.png"}, 400, "remote URLs are not fetched"),
     ("bad temperature", {"temperature": 7}, 400, "temperature: expected a number from 0 to 2, got 7"),
     ("system message", {"messages": [{"role": "system", "content": "be brief"}]}, 400, "'system' messages are not"),
-    ("unknown field", {"best_of": 3}, 400, "best_of: unknown field"),
+    ("unknown field", {"extra_body": {"best_of": 3}}, 400, "best_of: unknown field"),
     ("two images", {"second_image": True}, 400, "the model reads one image per conversation"),
 ]
 
