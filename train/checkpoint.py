@@ -84,22 +84,31 @@ def _fsync(path: Path) -> None:
 
 
 def save_tree(checkpoint: Mapping[str, Any], directory: str | Path) -> Path:
-    """Write ``checkpoint`` as a checkpoint directory, atomically (temporary directory, then rename)."""
+    """Write ``checkpoint`` as a checkpoint directory, atomically (temporary directory, then rename); a failed write
+    (disk full, ...) raises `zoo.checkpoint.WriteError` naming the directory and leaves earlier checkpoints as they
+    were."""
     from safetensors.torch import save_file
+
+    from zoo.checkpoint import writing
 
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a kill during an earlier write
-    tmp.mkdir(parents=True)
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_tree(dict(checkpoint), tensors)
-    save_file(tensors, str(tmp / TENSORS))
-    (tmp / STATE).write_text(json.dumps(tree))
-    for name in (TENSORS, STATE):
-        _fsync(tmp / name)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.rename(tmp, directory)
+    try:
+        with writing(directory):
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a kill during an earlier write
+            tmp.mkdir(parents=True)
+            save_file(tensors, str(tmp / TENSORS))
+            (tmp / STATE).write_text(json.dumps(tree))
+            for name in (TENSORS, STATE):
+                _fsync(tmp / name)
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.rename(tmp, directory)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
 
 
