@@ -72,3 +72,25 @@ def test_engine_batches_mixed_requests_and_streams_each_its_own_answer():
         assert done.prompt_tokens == len(ids[0]) - 1 + model.num_image_tokens
     assert engine.call(lambda m: m is model).result(timeout=60)
     engine.close()
+
+
+def test_a_changed_local_export_is_refused_and_no_model_is_one_line(tmp_path, monkeypatch, capsys):
+    from zoo.checkpoint import CheckpointError
+    from zoo.cli import main
+
+    torch.manual_seed(0)
+    path = zoo.build(tiny_config()).save_pretrained(tmp_path / "model")
+    pool = ModelPool()
+    assert pool.get(str(path)).model.num_image_tokens == 16  # checksums match: served
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        ModelPool().get(str(path))
+    pool.close()
+    monkeypatch.chdir(tmp_path)  # no runs/demo/model here
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.strip() == ("zoo serve: error: give MODEL (a checkpoint dir, hub id or catalogue "
+                                               "name); runs/demo/model, the default, does not exist yet (make demo "
+                                               "writes it)")

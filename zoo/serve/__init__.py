@@ -15,7 +15,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from zoo.serve.models import ModelPool, default_model
+from zoo.serve.models import ModelPool, NoModelError, default_model
 from zoo.serve.requests import ImageLimits
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
 
     model = model or default_model()
     if model is None:
-        raise ValueError("zoo serve: give MODEL (a checkpoint dir, hub id or catalogue name); runs/demo/model, the "
-                         "default, does not exist yet (make demo writes it)")
+        raise NoModelError("give MODEL (a checkpoint dir, hub id or catalogue name); runs/demo/model, the default, "
+                           "does not exist yet (make demo writes it)")
     options.setdefault("api_key", os.environ.get("ZOO_API_KEY") or None)
     # The engine thread runs hundreds of short torch ops per token, each releasing the GIL; at the default 5 ms switch
     # interval every op can wait that long behind the HTTP threads parsing a burst of requests (a convoy that made

@@ -1,7 +1,8 @@
 """The models a server holds: each loaded model has its own batching `Engine`, under the name it was asked by.
 
 `model_choices` lists what the web page's picker offers: local checkpoints (``runs/*/model`` and deeper stage
-exports ``runs/*/*/model``) and the catalogue names. A catalogue entry with released weights loads them; one without
+exports ``runs/*/*/model``) and the catalogue names. A local export that has ``checksums.json`` is checked against
+it when it loads (a changed file is refused, naming it). A catalogue entry with released weights loads them; one without
 is built fresh (untrained) only when it is small (``max_fresh_params``), so a click never builds a 7B model.
 """
 
@@ -10,9 +11,16 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from zoo.checkpoint import CHECKSUMS_NAME
 from zoo.serve.engine import Engine
 
 DEMO_MODEL = Path("runs/demo/model")
+
+
+class NoModelError(ValueError):
+    """`zoo serve` was given no model and the demo's export does not exist."""
+
+    exit_code = 2  # the command line ends with this message and status
 
 
 def default_model() -> str | None:
@@ -62,7 +70,9 @@ class ModelPool:
         import zoo
         from zoo.catalogue import get_config
 
-        if Path(name).is_dir() or name not in zoo.list_models():
+        if Path(name).is_dir():  # a zoo export with checksums.json is checked against it before serving
+            return zoo.load(name, device=self.device, verify=(Path(name) / CHECKSUMS_NAME).is_file())
+        if name not in zoo.list_models():
             return zoo.load(name, device=self.device)
         if get_config(name).weights:
             return zoo.load(name, device=self.device)
