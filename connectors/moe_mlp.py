@@ -32,7 +32,7 @@ from zoo.config import ConfigError, ConnectorConfig, from_dict
 from zoo.moe import ROUTERS, ExpertMLP, MoEConfig, StackedExperts
 from zoo.moe.dispatch import get_dispatch
 from zoo.moe.experts import DenseFFN
-from zoo.moe.layer import combine_weights, routing_losses, routing_stats
+from zoo.moe.layer import TokenRouting, combine_weights, routing_losses, routing_stats
 from zoo.moe.routing import Routing
 
 from .base import CONNECTORS, ConnectorOutput
@@ -188,8 +188,11 @@ class MoEMLPConnector(nn.Module):
         flat = tokens.reshape(b * length, self.in_dim)
         routing = self.router(flat)
         keep = torch.ones_like(routing.expert, dtype=torch.bool)  # dropless
-        out = self.dispatch(self.experts, flat, routing.token, routing.expert, combine_weights(routing, keep))
+        weight = combine_weights(routing, keep)
+        out = self.dispatch(self.experts, flat, routing.token, routing.expert, weight)
         stats = routing_stats(routing, keep, self.moe.num_experts)
+        stats.token_routing = TokenRouting((b, length), routing.token.detach(), routing.expert.detach(),
+                                           weight.detach())
         stats.by_modality = {"image": dataclasses.replace(stats)}  # a connector sees image tokens only
         return ConnectorOutput(out.to(tokens.dtype).view(b, length, self.out_dim), self.aux_losses(routing, b),
                                routing_stats={"connector": stats})

@@ -52,3 +52,25 @@ def trained_model(easy_vqa):
     with torch.no_grad():
         loss_after = model(**first_batch).loss.item()
     return {"model": model, "loss_before": loss_before, "loss_after": loss_after}
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(trained_model, easy_vqa, tmp_path_factory):
+    """A small demo-style checkpoint: `trained_model` upcycled the MoE-LLaVA way and MoE-tuned for a few steps (what
+    `make demo` ends with, at a short schedule), saved, reloaded, with a test image saved as PNG."""
+    import copy
+
+    from zoo.train import TrainConfig, VQASplit, VQATrainingSet, fit
+
+    torch.manual_seed(0)
+    model = copy.deepcopy(trained_model["model"])
+    model.sparsify({"preset": "moe-llava"})
+    for name, p in model.named_parameters():
+        p.requires_grad_(".mlp." in name)  # stage III: FFNs and routers
+    train = easy_vqa["train"]  # the questions of the first 100 images
+    few = VQASplit(train.images[:100], [s for s in train.samples if s.image < 100])
+    fit(model, VQATrainingSet(model, few), TrainConfig(steps=10, batch_size=32, lr=2e-4), progress=False)
+    path = model.save_pretrained(tmp_path_factory.mktemp("demo") / "model")
+    image = tmp_path_factory.getbasetemp() / "shape.png"
+    easy_vqa["test"].images[0].save(image)
+    return {"path": path, "model": zoo.load(path), "image": image}

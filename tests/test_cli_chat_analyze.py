@@ -1,14 +1,11 @@
-"""`zoo chat` and `zoo analyze routing` on a small demo-style checkpoint trained here: tiny-llava trained on
-easy-vqa, upcycled the MoE-LLaVA way and MoE-tuned for a few steps (what `make demo` ends with, at a short schedule)."""
+"""`zoo chat` and `zoo analyze routing` on the small demo-style checkpoint of conftest's `demo_checkpoint`."""
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 
 import pytest
-import torch
 from PIL import Image
 from test_eval_data import write_pope
 
@@ -16,24 +13,6 @@ import zoo
 from zoo.chat import ChatSession, interactive
 from zoo.cli import main
 from zoo.images import ImageError
-
-
-@pytest.fixture(scope="module")
-def demo_checkpoint(trained_model, easy_vqa, tmp_path_factory):
-    from zoo.train import TrainConfig, VQASplit, VQATrainingSet, fit
-
-    torch.manual_seed(0)
-    model = copy.deepcopy(trained_model["model"])
-    model.sparsify({"preset": "moe-llava"})
-    for name, p in model.named_parameters():
-        p.requires_grad_(".mlp." in name)  # stage III: FFNs and routers
-    train = easy_vqa["train"]  # the questions of the first 100 images
-    few = VQASplit(train.images[:100], [s for s in train.samples if s.image < 100])
-    fit(model, VQATrainingSet(model, few), TrainConfig(steps=10, batch_size=32, lr=2e-4), progress=False)
-    path = model.save_pretrained(tmp_path_factory.mktemp("demo") / "model")
-    image = tmp_path_factory.getbasetemp() / "shape.png"
-    easy_vqa["test"].images[0].save(image)
-    return {"path": path, "model": zoo.load(path), "image": image}
 
 
 def test_chat_one_shot_answers_like_the_model(demo_checkpoint, capsys, easy_vqa):

@@ -16,7 +16,7 @@ its own chat template over the whole conversation at every turn instead.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -42,11 +42,7 @@ class ChatSession:
     def prompt_ids(self, question: str) -> list[int]:
         """The token ids the model continues for `question`: the prompt template on the first turn, else the
         conversation so far followed by the question."""
-        if not question.strip():
-            raise ValueError("chat: empty question")
-        if not self.ids:
-            return self.model.encode_prompt(question.strip())
-        return self.ids + self.model.tokenizer(" " + question.strip(), add_special_tokens=False).input_ids
+        return next_question_ids(self.model, self.ids, question)
 
     @torch.no_grad()
     def ask(self, question: str) -> str:
@@ -80,6 +76,30 @@ class ChatSession:
             if not self.native:
                 self.pixels = map_pixels(self.model.vision.preprocess([self.image]), lambda t: t.to(self.model.device))
         self.ids, self.turns = [], []
+
+
+def next_question_ids(model, conversation: list[int], question: str) -> list[int]:
+    """The ids the model continues for `question` after ``conversation`` (ids so far, answers closed by EOS; empty:
+    the first turn, which fills the prompt template)."""
+    if not question.strip():
+        raise ValueError("chat: empty question")
+    if not conversation:
+        return model.encode_prompt(question.strip())
+    return conversation + model.tokenizer(" " + question.strip(), add_special_tokens=False).input_ids
+
+
+def conversation_ids(model, turns: Sequence[tuple[str, str | None]]) -> list[int]:
+    """The ids of a conversation given as text, ``[(question, answer), ..., (question, None)]``: what `ChatSession`
+    builds turn by turn (each answer re-encoded with `ZooModel.encode_answer`, so closed by EOS). The last turn may
+    have no answer: the ids then end where the model continues."""
+    ids: list[int] = []
+    for i, (question, answer) in enumerate(turns):
+        ids = next_question_ids(model, ids, question)
+        if answer is not None:
+            ids = ids + model.encode_answer(answer.strip())
+        elif i != len(turns) - 1:
+            raise ValueError(f"turn {i}: only the last question may be unanswered")
+    return ids
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -1,5 +1,5 @@
 """The ``zoo`` command: ``list``, ``card``, ``build``, ``params``, ``train``, ``convert``, ``chat``, ``analyze``,
-``demo``, ``eval``.
+``demo``, ``eval``, ``serve``.
 
 A mistake in what the user gave (a config or recipe value, an unknown name, an unreadable checkpoint, missing data,
 bad benchmark files, a bad argument) prints one line, ``zoo <command>: error: <the sentence>``, and exits 2; a
@@ -208,6 +208,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from zoo.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+          api_key=args.api_key, allowed_root=args.allowed_root, max_image_bytes=args.max_image_bytes,
+          device=args.device)
+    return 0
+
+
 def build_parser() -> ZooArgumentParser:
     """The ``zoo`` parser with every subcommand (each runs ``args.func(args)``)."""
     parser = ZooArgumentParser(prog="zoo", description="Assemble, train and evaluate vision-language models.")
@@ -298,6 +307,19 @@ def build_parser() -> ZooArgumentParser:
                    help="read images the benchmark files name outside their folder (.., absolute paths, symlinks)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("serve", help="a web page (chat, experts view) and an OpenAI-compatible API for a model")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint dir, hub id or catalogue name (default: "
+                   "runs/demo/model)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--max-batch", type=positive_int, default=8, help="requests answered together at most (dynamic batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to join")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and KEY as the page's "
+                   "password (default: $ZOO_API_KEY; none: open)")
+    p.add_argument("--allowed-root", default=None, help="image_url may name local files under this folder")
+    p.add_argument("--max-image-bytes", type=positive_int, default=10 * 2**20)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

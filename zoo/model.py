@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
+from transformers import GenerationConfig
 
 from zoo.checkpoint import load_weights, read_checkpoint_config, save_checkpoint
 from zoo.config import ConfigError, LoRAExpertConfig, ModelConfig, SparsityConfig, from_dict
 from zoo.connectors import build_connector
 from zoo.encoders import FusedVision, build_vision, map_pixels, num_images
+from zoo.generation import BatchDecoding
 from zoo.lm import build_lm, lm_config_dict
 from zoo.lm.lora import (
     apply_lora,
@@ -438,33 +440,41 @@ class ZooModel(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor | dict[str, torch.Tensor] | None, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, max_new_tokens: int = 16,
-                 image_embeds: torch.Tensor | None = None, task=None) -> torch.Tensor:
-        """Greedy decoding with the KV cache from left-padded prompts; returns new ids ``[B, <=max_new_tokens]``
-        (pad after EOS). ``image_embeds`` ``[N, L, d_lm]`` replaces ``pixel_values`` with image blocks computed by
-        the caller (MoVA's two passes). ``task``: per-sample LoRA task tags, as in `forward`."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+                 image_embeds: torch.Tensor | None = None, task=None,
+                 generation_config: GenerationConfig | Sequence[GenerationConfig] | None = None,
+                 seed: int | Sequence[int | None] | None = None, streamer=None) -> torch.Tensor:
+        """Decoding with the KV cache from left-padded prompts; returns new ids ``[B, <=max_new_tokens]`` (pad after
+        EOS). Greedy by default; ``generation_config`` (transformers' `GenerationConfig`, one for all sequences or
+        one per sequence; `zoo.generation.sampling_config` builds one) samples with temperature / top-p / top-k /
+        min-p, applies a repetition penalty, stops at stop strings and sets each sequence's ``max_new_tokens``;
+        ``seed`` (one, or one per sequence) makes sampling reproducible whatever the batch. ``streamer``:
+        transformers' streamer interface (``put`` gets the prompt ids, then each step's ``[B]`` tokens; ``end``).
+        ``image_embeds`` ``[N, L, d_lm]`` replaces ``pixel_values`` with image blocks computed by the caller (MoVA's
+        two passes). ``task``: per-sample LoRA task tags, as in `forward`."""
         if pixel_values is not None and image_embeds is not None:
             raise ValueError("pixel_values and image_embeds: give one, not both")
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        decoding = BatchDecoding(input_ids, attention_mask, self.tokenizer, max_new_tokens, generation_config, seed)
         positions = None
         if pixel_values is not None:
             text = self.question_context(input_ids, attention_mask) if self.reads_question else None
             image_out = self.encode_images(pixel_values, text)
             image_embeds, positions = image_out.tokens, image_out.routing.get("position_ids")
         sp = self.splice(input_ids, image_embeds, attention_mask, padding_side="left", image_positions=positions)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         with self._lm_context(sp.image_mask, sp.attention_mask, task):
             out = self.lm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                           position_ids=sp.position_ids, use_cache=True)
         mask, position = sp.attention_mask, sp.position_ids[:, -1:]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         steps = []
-        for step in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad), token)
+        for step in range(decoding.steps):
+            token = decoding.next_tokens(out.logits[:, -1], done)
             steps.append(token)
-            done |= token == eos
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if streamer is not None:
+                streamer.put(token.cpu())
+            done = decoding.update_done(token, done)
+            if bool(done.all()) or step == decoding.steps - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             position = position + 1
@@ -472,6 +482,8 @@ class ZooModel(nn.Module):
             with self._lm_context(text, None, task):
                 out = self.lm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
                               past_key_values=out.past_key_values, use_cache=True)
+        if streamer is not None:
+            streamer.end()
         return torch.stack(steps, 1)
 
     def collate_prompts(self, prompts: Sequence[list[int]], padding_side: str = "left"):

@@ -40,7 +40,7 @@ from torch import nn
 from zoo.config import ConfigError, LoRAExpertConfig, from_dict
 from zoo.lm.sparse import SparseContext
 from zoo.moe import losses as L
-from zoo.moe.layer import RoutingStats
+from zoo.moe.layer import RoutingStats, TokenRouting
 
 
 @dataclass
@@ -216,8 +216,11 @@ class LoRAExpertLinear(nn.Module):
         with torch.no_grad():
             counts = torch.bincount(chosen.reshape(-1), minlength=self.router.num_experts)
             zero = counts.new_zeros(())
+            token = torch.arange(flat.shape[0], device=flat.device) if rows is None else rows
             self.last_stats = RoutingStats(assigned=counts, kept=counts, dropped=zero, null=zero,
-                                           tokens=int(flat.shape[0]), entropy=L.router_entropy(probs))
+                                           tokens=int(flat.shape[0]), entropy=L.router_entropy(probs),
+                                           token_routing=TokenRouting(tuple(lead), token.repeat_interleave(
+                                               chosen.shape[1]), chosen.reshape(-1), gates.gather(1, chosen).reshape(-1)))
         if rows is not None:
             gates = gates.new_zeros(lead.numel(), gates.shape[1]).index_copy(0, rows, gates)
         return gates.reshape(*lead, -1)

@@ -13,12 +13,12 @@ from zoo.moe.config import MoEConfig
 from zoo.moe.dispatch import DISPATCHERS
 from zoo.moe.experts import DenseFFN, ExpertMLP, StackedExperts, activation_name, read_ffn
 from zoo.moe.hf import from_transformers, to_transformers
-from zoo.moe.layer import MoELayer, MoEOutput, RoutingStats, update_router_biases
+from zoo.moe.layer import MoELayer, MoEOutput, RoutingStats, TokenRouting, update_router_biases
 from zoo.moe.routing import ROUTERS, Router, Routing, capacity_keep
 from zoo.moe.upcycle import upcycle
 
 __all__ = [
     "DISPATCHERS", "ROUTERS", "DenseFFN", "ExpertMLP", "MoEConfig", "MoELayer", "MoEOutput", "Router", "Routing",
-    "RoutingStats", "StackedExperts", "activation_name", "capacity_keep", "from_transformers", "read_ffn",
+    "RoutingStats", "StackedExperts", "TokenRouting", "activation_name", "capacity_keep", "from_transformers", "read_ffn",
     "to_transformers", "update_router_biases", "upcycle",
 ]

@@ -24,12 +24,48 @@ from zoo.moe.routing import ROUTERS, Routing, capacity_keep
 
 
 @dataclass
+class TokenRouting:
+    """Where each token of one call went: one entry per slot (a token may have several, top-k), detached.
+
+    ``shape`` is the leading shape of the layer's input (``[B, T]`` for an LM layer, ``[N, L]`` for a vision block
+    or a connector); ``token`` [S] indexes its flattened positions, ``expert`` [S] the chosen expert (``>=
+    num_experts``: a null expert) and ``weight`` [S] the slot's combine gate (0 when the slot was dropped).
+    Positions without a slot (padding) have no entry.
+    """
+
+    shape: tuple[int, ...]
+    token: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+
+    def top_experts(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(experts, weights)``, each ``[*shape, k]``: every position's slots by falling weight (ties: the
+        router's slot order); -1 and weight 0 where a position has fewer than ``k`` slots. ``experts[..., 0]`` is
+        the expert each token went to (its kept slot of highest weight; a token whose slots were all dropped shows
+        its first choice with weight 0)."""
+        positions = int(torch.tensor(self.shape).prod()) if self.shape else 1
+        token, expert, weight = self.token.cpu(), self.expert.cpu(), self.weight.detach().float().cpu()
+        order = torch.argsort(-weight, stable=True)
+        order = order[torch.argsort(token[order], stable=True)]  # by token, then by falling weight
+        token, expert, weight = token[order], expert[order], weight[order]
+        starts = torch.searchsorted(token, token)  # first slot of each token: a slot's place among its token's
+        place = torch.arange(len(token)) - starts
+        keep = place < k
+        experts = torch.full((positions, k), -1, dtype=torch.long)
+        weights = torch.zeros(positions, k)
+        experts[token[keep], place[keep]] = expert[keep]
+        weights[token[keep], place[keep]] = weight[keep]
+        return experts.view(*self.shape, k), weights.view(*self.shape, k)
+
+
+@dataclass
 class RoutingStats:
     """Routing statistics of one call (detached tensors; `as_dict` turns them into floats for logging).
 
     ``assigned`` counts slots per expert before capacity, ``kept`` after; ``dropped`` the slots that did not fit;
     ``null`` the slots that chose a null expert; ``entropy`` is the mean router entropy in nats;
-    ``by_modality`` holds the same statistics for image and text tokens when a modality mask was given.
+    ``by_modality`` holds the same statistics for image and text tokens when a modality mask was given;
+    ``token_routing`` (`TokenRouting`) says where each token went, for per-token views (``zoo serve``'s Experts).
     """
 
     assigned: torch.Tensor
@@ -39,6 +75,7 @@ class RoutingStats:
     tokens: int
     entropy: torch.Tensor
     by_modality: dict[str, RoutingStats] = field(default_factory=dict)
+    token_routing: TokenRouting | None = None
 
     @property
     def drop_rate(self) -> float:
@@ -210,6 +247,9 @@ class MoELayer(nn.Module):
             routed = routed + shared
 
         stats = routing_stats(routing, keep, cfg.num_experts)
+        token = routing.token if rows is None else rows[routing.token]
+        stats.token_routing = TokenRouting(tuple(x.shape[:-1]), token.detach(), routing.expert.detach(),
+                                           weight.detach())
         if modality is not None:
             mod = modality.reshape(-1).bool()
             if rows is not None:

@@ -17,7 +17,15 @@ from torch import nn
 from zoo.moe.config import MoEConfig
 from zoo.moe.dispatch import get_dispatch
 from zoo.moe.experts import ExpertMLP, StackedExperts
-from zoo.moe.layer import MoELayer, MoEOutput, RoutingStats, combine_weights, routing_losses, routing_stats
+from zoo.moe.layer import (
+    MoELayer,
+    MoEOutput,
+    RoutingStats,
+    TokenRouting,
+    combine_weights,
+    routing_losses,
+    routing_stats,
+)
 from zoo.moe.routing import ROUTERS, Routing, capacity_keep
 
 MODALITIES = ("image", "text")
@@ -101,6 +109,7 @@ class ModalityMoELayer(nn.Module):
             entropy=(stats["image"].entropy * stats["image"].tokens + stats["text"].entropy * stats["text"].tokens)
             / max(stats["image"].tokens + stats["text"].tokens, 1),
             by_modality=stats,
+            token_routing=TokenRouting(tuple(x.shape[:-1]), token.detach(), expert.detach(), weight.detach()),
         )
         return MoEOutput(out.reshape(x.shape), aux, total, routing)
 
