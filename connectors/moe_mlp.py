@@ -188,7 +188,7 @@ class MoEMLPConnector(nn.Module):
         flat = tokens.reshape(b * length, self.in_dim)
         routing = self.router(flat)
         keep = torch.ones_like(routing.expert, dtype=torch.bool)  # dropless
-        out = self.dispatch(self.experts, flat, routing.token, routing.expert, combine_weights(routing, keep))
+        out = self.experts(flat, routing.token, routing.expert, combine_weights(routing, keep), self.dispatch)
         stats = routing_stats(routing, keep, self.moe.num_experts)
         stats.by_modality = {"image": dataclasses.replace(stats)}  # a connector sees image tokens only
         return ConnectorOutput(out.to(tokens.dtype).view(b, length, self.out_dim), self.aux_losses(routing, b),

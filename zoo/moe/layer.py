@@ -189,7 +189,7 @@ class MoELayer(nn.Module):
         weight = self.combine_weights(routing, keep)
         real = keep & (routing.expert < cfg.num_experts)
         expert_in = tokens if self.descend is None else self.descend(tokens)
-        routed = self.dispatch(self.experts, expert_in, routing.token[real], routing.expert[real], weight[real])
+        routed = self.experts(expert_in, routing.token[real], routing.expert[real], weight[real], self.dispatch)
         if self.ascend is not None:
             routed = self.ascend(routed)
         routed = routed.to(x.dtype)
