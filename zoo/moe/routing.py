@@ -19,8 +19,7 @@ Registered names (``MoEConfig.router``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +33,15 @@ if TYPE_CHECKING:
 ROUTERS: Registry[type[Router]] = Registry("router")
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
     """Flat token -> expert slots from one router call over T tokens.
 
     ``score`` holds the raw gate of each slot (differentiable); the layer zeroes dropped slots, then divides by the
     per-token sum when ``normalize`` and multiplies by ``scale``. ``logits`` and ``probs`` are [T, E + null] fp32;
     ``probs`` rows sum to 1 and feed the balance losses and the entropy statistic.
+
+    A named tuple, so wrappers that hook a module's output tensors (DeepSpeed ZeRO-3 re-gathers a router's weight
+    for the backward through them; FSDP2 walks outputs as a pytree) find the tensors of a router's output.
     """
 
     token: torch.Tensor  # [S] long
