@@ -83,24 +83,41 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_tree(checkpoint: Mapping[str, Any], directory: str | Path) -> Path:
-    """Write ``checkpoint`` as a checkpoint directory, atomically (temporary directory, then rename)."""
-    from safetensors.torch import save_file
-
+def staging_directory(directory: str | Path) -> Path:
+    """The temporary directory a checkpoint is written into before `publish` renames it into place (emptied)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a kill during an earlier write
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_tree(checkpoint: Mapping[str, Any], directory: Path) -> None:
+    """``state.json`` + ``tensors.safetensors`` of ``checkpoint`` into an existing directory, synced to disk."""
+    from safetensors.torch import save_file
+
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_tree(dict(checkpoint), tensors)
-    save_file(tensors, str(tmp / TENSORS))
-    (tmp / STATE).write_text(json.dumps(tree))
+    save_file(tensors, str(directory / TENSORS))
+    (directory / STATE).write_text(json.dumps(tree))
     for name in (TENSORS, STATE):
-        _fsync(tmp / name)
+        _fsync(directory / name)
+
+
+def publish(tmp: Path, directory: str | Path) -> Path:
+    """Rename a fully written `staging_directory` into place (replacing an older checkpoint of that name)."""
+    directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
     os.rename(tmp, directory)
     return directory
+
+
+def save_tree(checkpoint: Mapping[str, Any], directory: str | Path) -> Path:
+    """Write ``checkpoint`` as a checkpoint directory, atomically (temporary directory, then rename)."""
+    tmp = staging_directory(directory)
+    write_tree(checkpoint, tmp)
+    return publish(tmp, directory)
 
 
 def load_tree(directory: str | Path, map_location: Any = None) -> dict[str, Any]:
@@ -229,4 +246,4 @@ class ResumeState(L.Callback):
 
 
 __all__ = ["PeriodicCheckpoint", "ResumeState", "SafetensorsCheckpointIO", "decode_tree", "encode_tree", "latest_checkpoint",
-           "load_tree", "rng_states", "save_tree", "set_rng_states"]
+           "load_tree", "publish", "rng_states", "save_tree", "set_rng_states", "staging_directory", "write_tree"]

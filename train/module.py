@@ -3,6 +3,7 @@ gradient accumulation and checkpointing, periodic checkpoints and exact resume (
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import warnings
@@ -40,6 +41,9 @@ class TrainConfig:
     strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 (`zoo.train.strategy`)
     devices: int | str = 1  # per node; "auto" takes every visible device
     num_nodes: int = 1
+    expert_parallel: int = 1  # ranks each MoE layer's routed experts are split over (with ddp or fsdp)
+    timeout: float = 1800.0  # seconds a rank waits on the others in a collective before the run stops
+    deepspeed_config: str | None = None  # a DeepSpeed JSON for deepspeed_stage_2/3 (`zoo.train.deepspeed`)
     precision: str = "32-true"  # any Lightning precision: bf16-mixed, 16-mixed, bf16-true, ...
     accumulate_grad_batches: int = 1  # the optimizer steps every N batches (``batch_size`` is per device)
     gradient_checkpointing: bool = False  # recompute the LM's decoder layers in the backward pass
@@ -84,6 +88,13 @@ class ZooLightningModule(L.LightningModule):
         for name, value in out.aux_losses.items():
             self.log(f"train/aux/{name}", value, batch_size=size)
         return loss
+
+    def configure_model(self) -> None:
+        """Strategies that place the model themselves (`zoo.train.parallel.ZooParallelStrategy`: FSDP2, experts over
+        ranks) do it here, before the optimizer is built."""
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self.model)
 
     def on_before_zero_grad(self, optimizer) -> None:
         # right after each optimiser step (once per accumulated step): the aux-loss-free balancing of bias routers
@@ -157,6 +168,8 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
     ``callbacks``: more Lightning callbacks (e.g. `zoo.train.routing.RoutingMonitor`).
     """
     from .checkpoint import PeriodicCheckpoint, ResumeState, SafetensorsCheckpointIO, checkpoint_step, latest_checkpoint
+    from .parallel import ParallelTraining, ZooParallelStrategy, full_state_dict
+    from .ranks import MemoryReport, RankWatch
     from .strategy import build_strategy, enable_gradient_checkpointing
 
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -183,10 +196,16 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
         dataset.report_position = True  # its batches say where the data continues; checkpoints record it
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    module = ZooLightningModule(model, config)
+    strategy = build_strategy(config.strategy, model, expert_parallel=config.expert_parallel, devices=config.devices,
+                              num_nodes=config.num_nodes, timeout=config.timeout,
+                              deepspeed_config=config.deepspeed_config)
+    placed = isinstance(strategy, ZooParallelStrategy)  # trains a sharded copy; the weights come back at the end
+    module = ZooLightningModule(copy.deepcopy(model) if placed else model, config)
     resume_step = checkpoint_step(resume_from) if resume_from is not None else None
     logger = _MetricsLogger(str(run_dir), resume_step) if run_dir else False
-    extra = [ResumeState(dataset)]
+    watch = RankWatch(config.timeout)
+    extra = [ResumeState(dataset), watch] + ([ParallelTraining(config.grad_clip)] if placed else [])
+    extra += [MemoryReport(run_dir)] if run_dir else []
     if config.checkpoint_every:
         if checkpoints is None:
             raise ValueError("checkpoint_every: periodic checkpoints need a run directory")
@@ -195,15 +214,25 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
                               "not load; use strategy ddp or fsdp for resumable runs")
         extra.append(PeriodicCheckpoint(checkpoints, config.checkpoint_every))
     trainer = L.Trainer(max_steps=config.steps, accelerator="auto", devices=config.devices,
-                        num_nodes=config.num_nodes, strategy=build_strategy(config.strategy, model),
+                        num_nodes=config.num_nodes, strategy=strategy,
                         precision=config.precision, accumulate_grad_batches=config.accumulate_grad_batches,
                         plugins=[SafetensorsCheckpointIO()], logger=logger, callbacks=extra + list(callbacks or []),
                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-                        gradient_clip_val=config.grad_clip or None, log_every_n_steps=config.log_every,
+                        gradient_clip_val=None if placed else config.grad_clip or None, log_every_n_steps=config.log_every,
                         num_sanity_val_steps=0, deterministic=False)
     with warnings.catch_warnings():
         # frozen vision experts stay in eval mode on purpose (VisionExpert.train); Lightning warns about it
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-        trainer.fit(module, loader, ckpt_path=str(resume_from) if resume_from is not None else None)
+        try:
+            trainer.fit(module, loader, ckpt_path=str(resume_from) if resume_from is not None else None)
+        except Exception as error:  # a collective failed: name the rank that stopped, if one did
+            explained = watch.explain(error)
+            if explained is not None:
+                raise explained from error
+            raise
+        finally:
+            watch.close()
+    if placed:
+        model.load_state_dict(full_state_dict(module.model))
     return module
