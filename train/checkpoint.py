@@ -174,16 +174,21 @@ def checkpoint_step(path: str | Path) -> int:
 
 class PeriodicCheckpoint(L.Callback):
     """Saves ``directory/step-NNNNNNNN`` every ``every`` optimizer steps (after the step, so the checkpoint holds the
-    weights, optimizer and scheduler of that step) and removes all but the newest ``keep``."""
+    weights, optimizer and scheduler of that step) and removes all but the newest ``keep``.
+
+    It saves when the next batch starts (or training ends), after Lightning has logged the step's metrics: a kill
+    right after a checkpoint (a dead peer makes the others fail in its closing barrier) leaves every row the
+    resumed run keeps in ``metrics.csv``."""
 
     def __init__(self, directory: str | Path, every: int, keep: int = 1):
         if every < 1 or keep < 1:
             raise ValueError(f"checkpoint_every and keep must be >= 1, got {every} and {keep}")
         self.directory, self.every, self.keep = Path(directory), every, keep
+        self._last_saved: int | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+    def _save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every or step == getattr(self, "_last_saved", None):
+        if step == 0 or step % self.every or step == self._last_saved:
             return  # (with gradient accumulation the step count stays put over the accumulated micro-batches)
         self._last_saved = step
         trainer.save_checkpoint(self.directory / f"step-{step:08d}", weights_only=False)
@@ -191,6 +196,15 @@ class PeriodicCheckpoint(L.Callback):
             done = sorted(p for p in self.directory.iterdir() if _STEP_DIR.match(p.name))
             for old in done[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        self._last_saved = trainer.global_step  # a resumed run does not write its own checkpoint again
+
+    def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module) -> None:
+        self._save(trainer)
 
 
 def rng_states() -> dict[str, Any]:

@@ -42,16 +42,11 @@ from zoo.moe.parallel import (
     reduce_expert_gradients,
     shard_experts,
 )
+from zoo.plan import frozen_parts
 
 from .checkpoint import load_tree, publish, staging_directory, write_tree
 
 SHARDS = "shards"  # the torch.distributed.checkpoint files inside a checkpoint directory
-
-
-def frozen_parts(model: ZooModel) -> list[nn.Module]:
-    """The parts (``vision``, ``connector``, ``lm``) none of whose parameters train."""
-    return [module for _, module in model.named_children()
-            if any(True for _ in module.parameters()) and not any(p.requires_grad for p in module.parameters())]
 
 
 def _vision_experts(model: ZooModel) -> list[nn.Module]:
@@ -265,5 +260,5 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in gather_experts(model, state).items()}
 
 
-__all__ = ["ParallelTraining", "ZooParallelStrategy", "clip_gradients", "frozen_parts", "full_state_dict",
+__all__ = ["ParallelTraining", "ZooParallelStrategy", "clip_gradients", "full_state_dict",
            "shard_units", "vision_blocks"]

@@ -15,8 +15,9 @@ from datetime import timedelta
 
 from zoo.config import ConfigError
 from zoo.model import ZooModel
+from zoo.plan import frozen_parts
 
-from .parallel import ZooParallelStrategy, frozen_parts
+from .parallel import ZooParallelStrategy
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
 

@@ -41,8 +41,9 @@ def expert_banks(model: nn.Module) -> dict[str, StackedExperts]:
     return {name: m for name, m in model.named_modules() if isinstance(m, StackedExperts)}
 
 
-def _owner_config(model: nn.Module, bank_name: str):
-    """The `MoEConfig` of the layer that owns a bank (``config`` of a MoE layer, ``moe`` of a MoE connector)."""
+def bank_config(model: nn.Module, bank_name: str):
+    """The `MoEConfig` of the layer that owns the bank ``bank_name`` (``config`` of a MoE layer, ``moe`` of a MoE
+    connector), or None."""
     from zoo.moe.config import MoEConfig
 
     owner = model.get_submodule(bank_name.rsplit(".", 1)[0]) if "." in bank_name else model
@@ -70,7 +71,7 @@ def check_expert_parallel(model: nn.Module, size: int, world_size: int) -> dict[
         if bank.num_experts % size:
             raise ConfigError(f"train.expert_parallel: {size} does not divide the {bank.num_experts} experts of "
                               f"{layer} (num_experts)")
-        config = _owner_config(model, name)
+        config = bank_config(model, name)
         if size > 1 and config is not None and config.router == "expert_choice":
             raise ConfigError(f"train.expert_parallel: {layer} routes by expert choice (router: expert_choice), "
                               "which selects over the whole batch; under expert parallelism it would see one rank's "
@@ -157,5 +158,5 @@ def gather_experts(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-__all__ = ["ExpertShard", "check_expert_parallel", "expert_banks", "expert_parameters", "gather_experts",
+__all__ = ["ExpertShard", "bank_config", "check_expert_parallel", "expert_banks", "expert_parameters", "gather_experts",
            "reduce_expert_gradients", "shard_experts"]
