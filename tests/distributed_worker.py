@@ -120,7 +120,122 @@ def task_ep_layer(out: Path) -> dict:
     return results
 
 
-TASKS = {"ep_layer": task_ep_layer}
+# ---------------------------------------------------------------------------------------------------- deepspeed
+MOE_LLAVA_ZERO = {  # MoE-LLaVA's scripts/zero2.json as released (Hugging Face Trainer's "auto" placeholders)
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+                          "reduce_bucket_size": "auto"},
+}
+DS_STEPS, DS_BATCH, CLIP = 4, 4, 1.0  # steps, samples per rank, gradient clipping (the recipes' default)
+
+
+def _deepspeed_engine_config(out: Path, stage: int) -> dict:
+    from zoo.train.deepspeed import read_deepspeed_config
+
+    path = out / f"zero{stage}.json"
+    zero = {**MOE_LLAVA_ZERO["zero_optimization"], "stage": stage}
+    path.write_text(json.dumps({**MOE_LLAVA_ZERO, "zero_optimization": zero}))
+    config = read_deepspeed_config(path, stage)  # what train.deepspeed_config gives Lightning
+    return {**config, "train_micro_batch_size_per_gpu": DS_BATCH, "gradient_accumulation_steps": 1,
+            "gradient_clipping": CLIP, "steps_per_print": 10**9}  # what Lightning adds from the recipe
+
+
+def _train_losses(engine: str, model, batches, out: Path) -> list[float]:
+    import deepspeed
+    from torch.nn.parallel import DistributedDataParallel
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    if engine == "ddp":
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        for batch in batches:
+            loss = ddp(**batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            optimizer.step()
+            losses.append(float(loss))
+        return losses
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                       config=_deepspeed_engine_config(out, int(engine[-1])))
+    for batch in batches:
+        loss = ds(**batch).loss
+        ds.backward(loss)
+        ds.step()
+        losses.append(float(loss))
+    return losses
+
+
+def _layer_parity() -> dict:
+    """The zoo's moe-llava layer vs deepspeed.moe.layer.MoE on the same weights (exported by the zoo's own
+    DeepSpeed-MoE writer), a Phi FFN (fc1 / gelu_new / fc2 with biases) as the expert."""
+    from deepspeed.moe.layer import MoE
+    from torch import nn
+    from transformers.activations import ACT2FN
+
+    from zoo.config import SPARSITY_PRESETS
+    from zoo.lm.interop import moe_layer_to_deepspeed
+    from zoo.moe import MoEConfig, MoELayer
+
+    class PhiMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.act = nn.Linear(16, 32), nn.Linear(32, 16), ACT2FN["gelu_new"]
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    preset = SPARSITY_PRESETS["moe-llava"]["moe"]
+    torch.manual_seed(0)
+    ours = MoELayer(MoEConfig(hidden_size=16, expert_size=32, expert_form="mlp", activation="gelu_new", bias=True,
+                              router_init_std=0.5, **preset))
+    theirs = MoE(hidden_size=16, expert=PhiMLP(), num_experts=preset["num_experts"], ep_size=1, k=preset["top_k"],
+                 capacity_factor=preset["capacity_factor"], eval_capacity_factor=preset["eval_capacity_factor"],
+                 min_capacity=0, drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
+    g = torch.Generator().manual_seed(1)
+    favourite = torch.randn(16, generator=g)
+    with torch.no_grad():  # most tokens' first choice is expert 0: train-mode capacity (1.5) drops slots
+        ours.router.weight[0] += favourite
+    theirs.deepspeed_moe.load_state_dict(moe_layer_to_deepspeed(ours, ("fc1", "fc2")))
+    x = torch.randn(3, 20, 16, generator=g) + favourite
+    result = {}
+    for mode in ("train", "eval"):
+        ours.train(mode == "train"), theirs.train(mode == "train")
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out = ours(a)
+        y, l_aux, _ = theirs(b)
+        (out.output * x).sum().backward(), (y * x).sum().backward()
+        result[mode] = {"output": _max_diff(out.output, y), "balance": abs(float(out.aux_losses["balance"] - l_aux)),
+                        "input_grad": _max_diff(a.grad, b.grad), "dropped": int(out.stats.dropped),
+                        "router_grad": _max_diff(ours.router.weight.grad, theirs.deepspeed_moe.gate.wg.weight.grad)}
+        ours.zero_grad(), theirs.zero_grad()
+    return result
+
+
+def task_deepspeed(out: Path) -> dict:
+    """ZeRO-2 and ZeRO-3 (DeepSpeed's own engine on gloo) vs torch DDP, a tiny sparse zoo LLaVA from the same
+    weights on the same batches; and the layer parity above."""
+    import zoo
+    from zoo.train.data import VQATrainingSet, load_easy_vqa
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = zoo.build("tiny-moe-llava")
+    train = load_easy_vqa("train")
+    per_step = DS_BATCH * world
+    split = type(train)(train.images, train.samples[: DS_STEPS * per_step])
+    data = VQATrainingSet(model, split)
+    batches = [data.collate([data[i] for i in range(s * per_step + rank * DS_BATCH, s * per_step + (rank + 1) * DS_BATCH)])
+               for s in range(DS_STEPS)]
+    losses = {engine: _train_losses(engine, copy.deepcopy(model).train(), batches, out)
+              for engine in ("ddp", "zero2", "zero3")}
+    return {"losses": losses, "layer": _layer_parity()}
+
+
+TASKS = {"ep_layer": task_ep_layer, "deepspeed": task_deepspeed}
 
 
 def launch(out: Path, nproc: int, *tasks: str, timeout: float = 300) -> dict[str, list[dict]]:

@@ -92,11 +92,13 @@ def routing_stats(routing: Routing, keep: torch.Tensor, num_experts: int, rows: 
 
 
 def combine_weights(routing: Routing, keep: torch.Tensor) -> torch.Tensor:
-    """Gates of the slots: dropped slots zeroed, then per-token normalisation (if the router asks) and scale."""
+    """Gates of the slots: dropped slots zeroed, then per-token normalisation (if the router asks) and scale.
+    The per-token sum is clamped at the dtype's eps, DeepSpeed-MoE's rule: a token whose kept gates are all tiny
+    (its likely expert dropped) keeps tiny gates instead of being blown up to 1."""
     w = routing.score * keep.to(routing.score.dtype)
     if routing.normalize:
         denom = torch.zeros(routing.num_tokens, dtype=w.dtype, device=w.device).index_add_(0, routing.token, w)
-        w = w / (denom[routing.token] + 1e-20)
+        w = w / denom.clamp_min(torch.finfo(w.dtype).eps)[routing.token]
     return w * routing.scale if routing.scale != 1.0 else w
 
 
