@@ -52,3 +52,14 @@ def trained_model(easy_vqa):
     with torch.no_grad():
         loss_after = model(**first_batch).loss.item()
     return {"model": model, "loss_before": loss_before, "loss_after": loss_after}
+
+
+@pytest.fixture(scope="session")
+def distributed(tmp_path_factory):
+    """The suite's multi-process runs (tests/distributed_worker.py `run_all`: gloo processes on free ports), shared
+    by the parallel-training, expert-parallel and DeepSpeed tests."""
+    from distributed_worker import run_all
+
+    runs = run_all(tmp_path_factory.mktemp("distributed"))
+    print("\n" + "\n".join(f"{what}: {seconds:.0f} s" for what, seconds in runs["seconds"].items()))
+    return runs

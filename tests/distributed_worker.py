@@ -1,13 +1,24 @@
-"""Checks that need several real processes, run by the tests under ``torchrun --standalone`` (gloo, a free port):
-``python -m torch.distributed.run --standalone --nproc_per_node N tests/distributed_worker.py OUT TASK [TASK ...]``.
+"""The multi-process runs of the test suite, shared by the tests that assert on them (conftest's ``distributed``
+fixture calls `run_all` once per session): each launch costs every process the ~10 s import of the stack, so one
+launch serves many checks.
 
-Each rank writes ``OUT/<task>.rank<r>.json`` with what it measured; the tests assert on those numbers, so one
-launch (one ~10 s import of the stack per process) serves several tests. Tasks:
+`run_all` runs, in a fresh directory:
+
+1. ``killed``: `zoo train` of `RECIPE` with ``fsdp`` on 2 processes started as torchrun would start them, rank 1
+   killed (SIGKILL) once the step-3 checkpoint exists; rank 0 must stop by itself;
+2. two torchrun "nodes" of one process each (``--nnodes 2``, static rendezvous on a free port) running this file as
+   the worker of ``plan.json``: `zoo train` with ``ddp`` (the reference), ``fsdp``, ``fsdp --resume`` of the killed
+   run, ``ddp`` + ``expert_parallel: 2``; then the tasks ``ep_layer`` and ``deepspeed`` below;
+3. ``ep-fsdp``: `zoo train` with ``fsdp`` + ``expert_parallel: 2`` on 4 processes (2 x 2);
+4. ``killed-one``: the killed run resumed in this process (1 rank, the same global batch).
+
+Worker tasks (each rank writes ``OUT/<task>.rank<r>.json``):
 
 - ``ep_layer``: scale_out.md section 4 for one MoE layer per router kind and a MoE connector: expert parallelism
   over all ranks vs each rank running its own micro-batch through the whole layer.
-- ``deepspeed``: a tiny sparse zoo LLaVA trained under ``deepspeed.initialize`` (ZeRO-2, ZeRO-3) vs torch DDP on the
-  same batches, and the zoo ``moe-llava`` layer vs ``deepspeed.moe.layer.MoE`` on the same weights.
+- ``deepspeed``: a tiny sparse zoo LLaVA trained under ``deepspeed.initialize`` (ZeRO-2, ZeRO-3, MoE-LLaVA's
+  zero2.json read by `zoo.train.deepspeed`) vs torch DDP on the same batches, and the zoo ``moe-llava`` layer vs
+  ``deepspeed.moe.layer.MoE`` on the same weights.
 """
 
 from __future__ import annotations
@@ -15,8 +26,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -201,16 +217,19 @@ def _layer_parity() -> dict:
         ours.router.weight[0] += favourite
     theirs.deepspeed_moe.load_state_dict(moe_layer_to_deepspeed(ours, ("fc1", "fc2")))
     x = torch.randn(3, 20, 16, generator=g) + favourite
+    weight = torch.randn(3, 20, 16, generator=g)
     result = {}
     for mode in ("train", "eval"):
         ours.train(mode == "train"), theirs.train(mode == "train")
         a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         out = ours(a)
         y, l_aux, _ = theirs(b)
-        (out.output * x).sum().backward(), (y * x).sum().backward()
+        ((out.output * weight).sum() + out.aux_losses["balance"]).backward(), ((y * weight).sum() + l_aux).backward()
+        router = (ours.router.weight.grad, theirs.deepspeed_moe.gate.wg.weight.grad)
         result[mode] = {"output": _max_diff(out.output, y), "balance": abs(float(out.aux_losses["balance"] - l_aux)),
-                        "input_grad": _max_diff(a.grad, b.grad), "dropped": int(out.stats.dropped),
-                        "router_grad": _max_diff(ours.router.weight.grad, theirs.deepspeed_moe.gate.wg.weight.grad)}
+                        "input_grad": _max_diff(a.grad, b.grad) / max(1.0, float(b.grad.abs().max())),
+                        "router_grad": _max_diff(*router) / max(1.0, float(router[1].abs().max())),
+                        "dropped": int(out.stats.dropped)}  # gradients: relative to the largest entry above 1
         ours.zero_grad(), theirs.zero_grad()
     return result
 
@@ -238,24 +257,146 @@ def task_deepspeed(out: Path) -> dict:
 TASKS = {"ep_layer": task_ep_layer, "deepspeed": task_deepspeed}
 
 
-def launch(out: Path, nproc: int, *tasks: str, timeout: float = 300) -> dict[str, list[dict]]:
-    """Run ``tasks`` in ``nproc`` processes (torchrun, gloo, a free port); ``{task: [rank 0's result, ...]}``."""
+STEPS, BATCH = 6, 16  # the global batch: 8 per rank on 2 processes, 4 on 4, 16 in one
+TIMEOUT = 20  # train.timeout (seconds) of the run whose rank 1 dies
+RECIPE = {
+    "name": "parallel-check", "model": "tiny-moe-llava",
+    # dropless routing: the global batch is split differently over 1, 2 and 4 processes (scale_out.md section 4)
+    "model_overrides": ["lm.sparsity.moe={capacity_factor: null, eval_capacity_factor: null}"],
+    "data": {"easy-vqa": {"kind": "easy-vqa", "limit": 300}},
+    "stages": [{"name": "moe", "trainable": ["connector", "lm"],
+                "train": {"steps": STEPS, "batch_size": BATCH // 2, "lr": 2.0e-3, "log_every": 1,
+                          "checkpoint_every": 3}}],
+}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_argv(recipe: Path, run_dir: Path, *overrides: str, resume: bool = False) -> list[str]:
+    """``zoo`` arguments of one `zoo train` run; ``overrides`` set ``stages.0.train.<key>=<value>``."""
+    argv = ["train", str(recipe), "--run-dir", str(run_dir), "--no-progress"] + ["--resume"] * resume
+    for item in overrides:
+        argv += ["--set", f"stages.0.train.{item}"]
+    return argv
+
+
+def _check(done: subprocess.CompletedProcess | tuple, what: str) -> None:
+    code, err = (done.returncode, done.stderr) if isinstance(done, subprocess.CompletedProcess) else done
+    assert code == 0, f"{what} failed:\n{err[-4000:]}"
+
+
+def kill_rank_1_after_step_3(recipe: Path, run_dir: Path) -> dict:
+    """Two ranks started as torchrun would start them (no agent that would stop the survivor); rank 1 gets SIGKILL
+    as soon as the step-3 checkpoint exists."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0"}
+        args = [sys.executable, "-m", "zoo.cli",
+                *train_argv(recipe, run_dir, "strategy=fsdp", "devices=2", f"timeout={TIMEOUT}")]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    checkpoint = run_dir / "00-moe" / "checkpoints" / "step-00000003"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no step-3 checkpoint appeared"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = procs[0].communicate(timeout=TIMEOUT + 120)
+    procs[1].wait()
+    return {"returncode": procs[0].returncode, "seconds": time.monotonic() - killed, "stderr": err,
+            "finished": (run_dir / "00-moe" / "stage.json").exists()}
+
+
+def launch_nodes(out: Path, plan: list[dict], timeout: float = 900) -> None:
+    """This file as the worker of ``plan`` on two torchrun "nodes" of one process each (static rendezvous)."""
     out.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), __file__,
-            str(out), *tasks]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return {task: [json.loads((out / f"{task}.rank{r}.json").read_text()) for r in range(nproc)] for task in tasks}
+    (out / "plan.json").write_text(json.dumps(plan))
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               __file__, str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for node in (0, 1)]
+    errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    for node, (p, err) in enumerate(zip(procs, errors)):
+        _check((p.returncode, err), f"node {node}")
+
+
+def results(out: Path, task: str, nproc: int) -> list[dict]:
+    return [json.loads((out / f"{task}.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def run_all(root: Path) -> dict:
+    """Every run of the module docstring, in order; returns their directories, the death report, the worker
+    results and the wall time of each launch."""
+    recipe = root / "recipe.yaml"
+    recipe.write_text(json.dumps(RECIPE))
+    seconds = {}
+    start = time.monotonic()
+    death = kill_rank_1_after_step_3(recipe, root / "killed")
+    checkpoint = root / "killed" / "00-moe" / "checkpoints" / "step-00000003"
+    from zoo.train.checkpoint import latest_checkpoint, load_tree
+
+    death["latest"] = latest_checkpoint(checkpoint.parent).name
+    death["global_step"] = load_tree(checkpoint)["global_step"]  # intact: it loads (before a resume removes it)
+    death["shards"] = sorted(p.name for p in (checkpoint / "shards").iterdir())
+    shutil.copytree(root / "killed", root / "killed-one")
+    seconds["killed (2 processes)"] = time.monotonic() - start
+    nodes = ["devices=1", "num_nodes=2"]
+    plan = [{"train": train_argv(recipe, root / "ddp", "strategy=ddp", *nodes)},
+            {"train": train_argv(recipe, root / "fsdp", "strategy=fsdp", *nodes)},
+            {"train": train_argv(recipe, root / "killed", "strategy=fsdp", *nodes, resume=True)},
+            {"train": train_argv(recipe, root / "ep-nodes", "strategy=ddp", "expert_parallel=2", *nodes)},
+            {"task": "ep_layer"}, {"task": "deepspeed"}]
+    start = time.monotonic()
+    launch_nodes(root / "worker", plan)
+    seconds["2 torchrun nodes: ddp, fsdp, resume, EP + ddp, ep_layer, deepspeed"] = time.monotonic() - start
+    start = time.monotonic()
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "zoo.cli",
+            *train_argv(recipe, root / "ep-fsdp", "strategy=fsdp", "devices=4", "expert_parallel=2",
+                        f"batch_size={BATCH // 4}")]
+    _check(subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600), "ep-fsdp (4 processes)")
+    seconds["EP + fsdp (4 processes)"] = time.monotonic() - start
+    start = time.monotonic()
+    resume_in_this_process(recipe, root / "killed-one")
+    seconds["resume in 1 process (in the test process)"] = time.monotonic() - start
+    return {"root": root, "recipe": recipe, "death": death, "seconds": seconds,
+            "ep_layer": results(root / "worker", "ep_layer", 2), "deepspeed": results(root / "worker", "deepspeed", 2)}
+
+
+def resume_in_this_process(recipe: Path, run_dir: Path) -> None:
+    """`zoo train --resume` of a 2-process checkpoint here, as one rank with the whole global batch (fsdp over a
+    1-rank process group, which is then taken down again)."""
+    from zoo.cli import main as zoo_main
+
+    try:
+        assert zoo_main(train_argv(recipe, run_dir, "strategy=fsdp", "devices=1", f"batch_size={BATCH}",
+                                   resume=True)) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main() -> None:
-    out, tasks = Path(sys.argv[1]), sys.argv[2:]
-    dist.init_process_group("gloo")
+    """Worker: run ``OUT/plan.json`` (``{"train": zoo arguments}`` or ``{"task": name}`` items) on every rank."""
+    from zoo.cli import main as zoo_main
+
+    out = Path(sys.argv[1])
+    plan = json.loads((out / "plan.json").read_text())
+    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     torch.set_num_threads(1)
-    for task in tasks:
-        result = TASKS[task](out)
-        (out / f"{task}.rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
+    for item in plan:
+        if "train" in item:
+            assert zoo_main(item["train"]) == 0
+            continue
+        result = TASKS[item["task"]](out)
+        (out / f"{item['task']}.rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
         dist.barrier()
     dist.destroy_process_group()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_worker import EP_CASES, launch
+from distributed_worker import EP_CASES
 
 from zoo.config import ConfigError
 from zoo.moe import MoEConfig, MoELayer
@@ -19,8 +19,8 @@ CASES = [*EP_CASES, "moe_mlp_connector"]
 
 
 @pytest.fixture(scope="module")
-def ep_layer(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("ep-layer"), 2, "ep_layer")["ep_layer"]
+def ep_layer(distributed):
+    return distributed["ep_layer"]
 
 
 @pytest.mark.parametrize("case", CASES)

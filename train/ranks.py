@@ -28,13 +28,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of the parameters, gradients and optimizer states this rank holds (local shards of DTensors)."""
+    """Bytes of the parameters, gradients and optimizer states this rank holds (local shards of DTensors), and the
+    number of routed-expert parameter elements among them."""
+    from zoo.moe.parallel import expert_banks
+
     params = list(model.parameters())
     return {
         "parameters": sum(_local(p).numel() * p.element_size() for p in params),
         "gradients": sum(_local(p.grad).numel() * p.grad.element_size() for p in params if p.grad is not None),
         "optimizer": sum(_local(v).numel() * v.element_size() for state in optimizer.state.values()
                          for v in state.values() if isinstance(v, torch.Tensor)),
+        "routed_expert_elements": sum(_local(p).numel() for bank in expert_banks(model).values()
+                                      for p in bank.parameters()),
     }
 
 
