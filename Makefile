@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (train + evaluate the tiny model on easy-vqa) and `make test`.
-# Both create .venv with pip and install the pinned, tested set from constraints.txt.
+# Both create .venv with pip and install the pinned, tested set from constraints.txt (with the deepspeed extra,
+# which the DeepSpeed tests run).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,7 +9,8 @@ launch serves many checks.
 2. two torchrun "nodes" of one process each (``--nnodes 2``, static rendezvous on a free port) running this file as
    the worker of ``plan.json``: `zoo train` with ``ddp`` (the reference), ``fsdp``, ``fsdp --resume`` of the killed
    run, ``ddp`` + ``expert_parallel: 2``; then the tasks ``ep_layer`` and ``deepspeed`` below;
-3. ``ep-fsdp``: `zoo train` with ``fsdp`` + ``expert_parallel: 2`` on 4 processes (2 x 2);
+3. ``ep-fsdp``: `zoo train` with ``fsdp`` + ``expert_parallel: 2`` on 4 processes (2 x 2), with gradient
+   checkpointing (recomputed FSDP units);
 4. ``killed-one``: the killed run resumed in this process (1 rank, the same global batch).
 
 Worker tasks (each rank writes ``OUT/<task>.rank<r>.json``):
@@ -360,7 +361,7 @@ def run_all(root: Path) -> dict:
     start = time.monotonic()
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "zoo.cli",
             *train_argv(recipe, root / "ep-fsdp", "strategy=fsdp", "devices=4", "expert_parallel=2",
-                        f"batch_size={BATCH // 4}")]
+                        f"batch_size={BATCH // 4}", "gradient_checkpointing=true")]
     _check(subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600), "ep-fsdp (4 processes)")
     seconds["EP + fsdp (4 processes)"] = time.monotonic() - start
     start = time.monotonic()

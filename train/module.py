@@ -138,8 +138,10 @@ class _MetricsLogger(L.pytorch.loggers.CSVLogger):
 
     @property
     def experiment(self):
-        if self._experiment is not None or self.resume_step is None:
-            return super().experiment
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if self._experiment is not None or self.resume_step is None or rank_zero_only.rank != 0:
+            return super().experiment  # (other ranks get Lightning's dummy and must not touch the file)
         path = Path(self.log_dir) / "metrics.csv"
         fields, rows = [], []
         if path.is_file():
@@ -194,12 +196,13 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
                          "resumable dataset such as ConversationStream")
     if hasattr(dataset, "report_position"):
         dataset.report_position = True  # its batches say where the data continues; checkpoints record it
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     strategy = build_strategy(config.strategy, model, expert_parallel=config.expert_parallel, devices=config.devices,
                               num_nodes=config.num_nodes, timeout=config.timeout,
-                              deepspeed_config=config.deepspeed_config)
+                              deepspeed_config=config.deepspeed_config,
+                              gradient_checkpointing=config.gradient_checkpointing)
     placed = isinstance(strategy, ZooParallelStrategy)  # trains a sharded copy; the weights come back at the end
+    if config.gradient_checkpointing and not placed:  # (a placed model recomputes its FSDP units itself)
+        enable_gradient_checkpointing(model)
     module = ZooLightningModule(copy.deepcopy(model) if placed else model, config)
     resume_step = checkpoint_step(resume_from) if resume_from is not None else None
     logger = _MetricsLogger(str(run_dir), resume_step) if run_dir else False

@@ -77,10 +77,11 @@ class ZooParallelStrategy(ModelParallelStrategy):
     nodes; ``shard``: FSDP2 for the non-expert parameters (``fsdp``), else replicated (``ddp``)."""
 
     def __init__(self, world_size: int, expert_parallel: int = 1, shard: bool = True,
-                 timeout: timedelta | None = None):
+                 timeout: timedelta | None = None, activation_checkpointing: bool = False):
         super().__init__(data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=True,
                          **({"timeout": timeout} if timeout is not None else {}))
         self.expert_parallel, self.shard = expert_parallel, shard
+        self.activation_checkpointing = activation_checkpointing
         self.expert_mesh = None
 
     def setup_environment(self) -> None:
@@ -98,7 +99,11 @@ class ZooParallelStrategy(ModelParallelStrategy):
         return self.expert_mesh["ep"].get_group() if self.expert_mesh is not None else None
 
     def parallelize(self, model: ZooModel) -> None:
-        """Shard experts, then FSDP2 (or replicate) the rest of ``model``, in place (module docstring)."""
+        """Shard experts, then FSDP2 (or replicate) the rest of ``model``, in place (module docstring). With
+        ``activation_checkpointing`` (``train.gradient_checkpointing``) every unit below the root recomputes its
+        activations in the backward: torch's composable ``checkpoint`` on the unit itself, outside FSDP's hooks
+        (transformers' and timm's own checkpointing re-enter the units' hooks during recomputation and fail)."""
+        from torch.distributed._composable import checkpoint
         from torch.distributed._composable.replicate_with_fsdp import replicate
         from torch.distributed.fsdp import fully_shard
 
@@ -109,10 +114,16 @@ class ZooParallelStrategy(ModelParallelStrategy):
             ep = self.expert_mesh["ep"]
             shard_experts(model, ep.get_group(), ep.size(), ep.get_local_rank())
             ignored |= set(expert_parameters(model).values())
+        units = shard_units(model)
+        if self.activation_checkpointing:
+            from zoo.lm.sparse import recompute_context_fn
+
+            for unit in units:
+                checkpoint(unit, context_fn=recompute_context_fn(model.lm))
         if not self.shard:
             replicate(model, mesh=mesh, ignored_params=ignored)
             return
-        for unit in shard_units(model):
+        for unit in units:
             if any(p not in ignored for p in unit.parameters()):
                 fully_shard(unit, mesh=mesh, ignored_params=ignored)
         fully_shard(model, mesh=mesh, ignored_params=ignored)

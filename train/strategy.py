@@ -38,9 +38,10 @@ def world_size(devices: int | str, num_nodes: int) -> int:
 
 def build_strategy(name: str, model: ZooModel, require_device: bool = True, *, expert_parallel: int = 1,
                    devices: int | str = 1, num_nodes: int = 1, timeout: float | None = None,
-                   deepspeed_config: str | None = None):
+                   deepspeed_config: str | None = None, gradient_checkpointing: bool = False):
     """The Lightning strategy for ``name`` (one of `STRATEGIES`) with ``expert_parallel`` ranks per EP group over
     ``devices`` x ``num_nodes`` processes; ``timeout`` (seconds) bounds every collective. Errors name the field.
+    ``gradient_checkpointing``: `ZooParallelStrategy` recomputes its units itself (``fsdp``, expert parallelism).
     ``require_device=False`` builds a DeepSpeed strategy even where it could not run (to inspect it)."""
     if name not in STRATEGIES:
         raise ConfigError(f"train.strategy: expected one of {', '.join(STRATEGIES)}, got {name!r}")
@@ -53,7 +54,8 @@ def build_strategy(name: str, model: ZooModel, require_device: bool = True, *, e
 
         world = world_size(devices, num_nodes)
         check_expert_parallel(model, expert_parallel, world)
-        return ZooParallelStrategy(world, expert_parallel, shard=name == "fsdp", timeout=wait)
+        return ZooParallelStrategy(world, expert_parallel, shard=name == "fsdp", timeout=wait,
+                                   activation_checkpointing=gradient_checkpointing)
     if deepspeed_config is not None and not name.startswith("deepspeed"):
         raise ConfigError(f"train.deepspeed_config: only for the deepspeed_stage_2/3 strategies, got "
                           f"train.strategy {name!r}")
@@ -72,7 +74,10 @@ def enable_gradient_checkpointing(model: ZooModel) -> None:
     """Recompute the LM's decoder layers (and trainable vision experts that support it) in the backward pass."""
     if not getattr(model.lm, "supports_gradient_checkpointing", False):
         raise ConfigError(f"train.gradient_checkpointing: the LM {type(model.lm).__name__} does not support it")
-    model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from zoo.lm.sparse import recompute_context_fn
+
+    kwargs = {"use_reentrant": False, "context_fn": recompute_context_fn(model.lm)}  # sparse layers' masks again
+    model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     for expert in model.vision.modules():
         if hasattr(expert, "set_grad_checkpointing") and any(p.requires_grad for p in expert.parameters()):
             expert.set_grad_checkpointing(True)
