@@ -25,6 +25,7 @@ Worker tasks (each rank writes ``OUT/<task>.rank<r>.json``):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -246,7 +247,10 @@ def task_deepspeed(out: Path) -> dict:
     model = zoo.build("tiny-moe-llava")
     train = load_easy_vqa("train")
     per_step = DS_BATCH * world
-    split = type(train)(train.images, train.samples[: DS_STEPS * per_step])
+    samples = train.samples[: DS_STEPS * per_step]
+    used = sorted({s.image for s in samples})  # only these images are decoded and preprocessed
+    split = type(train)([train.images[i] for i in used],
+                        [dataclasses.replace(s, image=used.index(s.image)) for s in samples])
     data = VQATrainingSet(model, split)
     batches = [data.collate([data[i] for i in range(s * per_step + rank * DS_BATCH, s * per_step + (rank + 1) * DS_BATCH)])
                for s in range(DS_STEPS)]

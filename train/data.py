@@ -28,11 +28,32 @@ class VQASample:
     id: str
 
 
+class LazyImages(Sequence):
+    """Images read from ``paths`` when first indexed (RGB), then kept: a run that uses a few hundred of a split's
+    thousands of images decodes only those (each at most once, so equal indexes give the same object)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self._loaded: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # negative indexes; IndexError past the end
+        if index not in self._loaded:
+            with Image.open(self.paths[index]) as im:
+                self._loaded[index] = im.convert("RGB")
+        return self._loaded[index]
+
+
 @dataclass
 class VQASplit:
-    """A VQA split: images (PIL, loaded once) and the questions about them."""
+    """A VQA split: images (PIL, each decoded once, when first used) and the questions about them."""
 
-    images: list[Image.Image]
+    images: Sequence[Image.Image]
     samples: list[VQASample]
 
 
@@ -46,10 +67,7 @@ def load_easy_vqa(split: str = "train") -> VQASplit:
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
     order = sorted(paths)
     position = {image_id: i for i, image_id in enumerate(order)}
-    images = []
-    for image_id in order:
-        with Image.open(paths[image_id]) as im:
-            images.append(im.convert("RGB"))
+    images = LazyImages([paths[image_id] for image_id in order])
     samples = [VQASample(position[i], q, a, f"easy-vqa/{split}/{n}")
                for n, (q, a, i) in enumerate(zip(questions, answers, image_ids))]
     return VQASplit(images, samples)
