@@ -8,16 +8,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install lint clean
 
+# setuptools' "Editable installation." notice (a warning inside pip's build backend) is the only one silenced
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/zoo demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/zoo demo --resume
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -1,117 +1,155 @@
-"""MoE vs dense on easy-vqa: the demo's dense tiny model against MoE-LLaVA-, DeepSeekMoE- and MoIIE-style sparse LMs
-with the same active parameters, trained from scratch with the same budget, evaluated on the same test questions.
+"""Sparse designs on easy-vqa over the same pretrained, frozen vision tower: the demo's stage 0 once, then for every
+design an align stage and the same budget of language-model training steps, evaluated on the same test questions.
 
-    .venv/bin/python bench/easy_vqa_compare.py                      # 1,500 steps each, the whole test split
-    .venv/bin/python bench/easy_vqa_compare.py --steps 300 --limit 2000 --only dense,moiie
+    .venv/bin/python bench/easy_vqa_compare.py                       # every design, the whole test split
+    .venv/bin/python bench/easy_vqa_compare.py --steps 300 --limit 2000 --only dense,cumo
 
-Every model is `tiny-llava` (ConvNeXt front end, mlp2x_gelu, 2-layer Llama of width 128 whose dense FFN is 256 wide)
-with its LM made sparse by a zoo policy, sized so that a token runs the dense FFN's width:
+Stage 0 (`configs/recipes/easy-vqa.yaml`'s ``vision`` stage: open_clip pretraining of `tiny-clip-llava`'s tower) runs
+once, or is reused with ``--vision DIR`` (an open_clip ``local-dir`` checkpoint, e.g. ``runs/demo/00-vision/open_clip``).
+Every design then starts from `tiny-clip-llava` with that tower, frozen (features from each run's cache), trains its
+connector alone on the captions (``--align-steps``, LLaVA's stage 1) and then ``--steps`` steps of instruction tuning
+on the train questions (connector + LM, AdamW lr 1e-3, batch 64, warm-up + cosine), with its sparse parts created at
+the start of that stage:
 
-* ``moe-llava``: layer 0 (even layers), 4 experts of width 128, top-2, capacity 1.5 / 2.0, Switch balance x 0.01;
-* ``deepseek-moe``: layer 1 (all but the first), 2 shared + 16 routed fine-grained experts of width 32, top-6 with
-  raw softmax gates (8 x 32 = 256 active), expert balance x 0.001;
-* ``moiie``: layer 1 (odd layers), 4 experts of width 128 (1 image-only, 2 shared, 1 text-only), a router per
-  modality, top-2, balance per modality x 0.001.
+* ``dense``: the demo model as it is after stage 2;
+* ``moe-llava``: the demo's recipe, dense instruction tuning, then MoE-LLaVA's stage III (layer 0's FFN upcycled
+  into 4 experts, top-2; FFNs and routers trained) for the last ``--moe-steps`` of the budget;
+* ``moe-llava-upcycled``: layer 0 upcycled at the start and trained with everything else;
+* ``deepseek-moe``: DeepSeekMoE's fine-grained experts in layer 1 (16 routed slices of a quarter FFN, top-6, 2
+  shared);
+* ``moiie``: MoIIE's modality experts in layer 1 (image-only, 2 shared, text-only; a router per modality);
+* ``bigmac``: BigMac's low-dimension experts in every layer (16 experts, top-4, random init);
+* ``cumo``: CuMo's co-upcycled MoE-MLP connector (4 copies of the aligned MLP, top-2);
+* ``mocha``: MoCHA's connector over two views of the tower (its stride-32 and stride-16 stages as two sequence-fused
+  experts, an MLP each through alignment, co-upcycled into MoE connectors with graph HGA).
 
-All start from random weights (seed 0) and train with the demo's optimiser settings (AdamW, lr 5e-4, warm-up +
-cosine, batch 64) for the same number of steps; wall times are measured in this one run, side by side, and printed
-as ratios to the dense model (the machine is shared: absolute seconds vary, ratios less so).
+It prints a table and writes ``bench/results/easy_vqa.csv`` (overall / colour / shape / yes-no accuracy, total and
+active parameters, seconds per instruction-tuning step, all measured in this one run).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
+import csv
 import json
-import time
 from pathlib import Path
 
-import torch
+import yaml
 
 import zoo
-from zoo.config import SparsityConfig, from_dict
+from zoo.config import configs_dir, to_dict
 from zoo.eval import evaluate_benchmark
 from zoo.eval.easy_vqa import EasyVQA
-from zoo.train import TrainConfig, VQATrainingSet, fit, load_easy_vqa
-from zoo.train.demo import DEMO_TRAINING
+from zoo.train.recipe import load_recipe, run_recipe
 
-BASE = "tiny-llava"
-DENSE_FFN = 256  # tiny-llava's lm.config.intermediate_size: every variant's active FFN width
-VARIANTS: dict[str, dict | None] = {
-    "dense": None,
-    "moe-llava": {"preset": "moe-llava", "init": "random", "moe": {"expert_size": DENSE_FFN // 2}},
-    "deepseek-moe": {"preset": "deepseek-moe", "init": "random",
-                     "moe": {"num_experts": 16, "top_k": 6, "num_shared": 2, "expert_size": DENSE_FFN // 8}},
-    "moiie": {"preset": "moiie", "init": "random", "moe": {"expert_size": DENSE_FFN // 2}},
+RECIPE = configs_dir() / "recipes" / "easy-vqa.yaml"
+RESULTS = Path(__file__).parent / "results" / "easy_vqa.csv"
+SPARSIFY = {  # LM policies created at the start of instruction tuning
+    "moe-llava-upcycled": {"preset": "moe-llava"},
+    "deepseek-moe": {"preset": "deepseek-moe"},
+    "moiie": {"preset": "moiie"},
+    "bigmac": {"preset": "bigmac"},
 }
+DESIGNS = ["dense", "moe-llava", *SPARSIFY, "cumo", "mocha"]
 
 
-def variant_config(name: str) -> zoo.ModelConfig:
-    """tiny-llava with the variant's sparsity policy (named ``tiny-<variant>``)."""
-    config = copy.deepcopy(zoo.get_config(BASE))
-    config.name = f"tiny-{name}" if name != "dense" else BASE
-    policy = VARIANTS[name]
-    config.lm.sparsity = from_dict(SparsityConfig, policy, path="lm.sparsity") if policy else None
-    return config
+def vision_stage(out: Path, progress: bool) -> Path:
+    """Stage 0 of the demo recipe alone; returns its open_clip checkpoint directory."""
+    recipe = load_recipe(RECIPE, [])
+    recipe.stages = recipe.stages[:1]
+    run_recipe(recipe, out, resume=True, progress=progress)
+    return out / "00-vision" / "open_clip"
 
 
-def run(name: str, train, test_samples, training: TrainConfig, out_dir: Path, progress: bool) -> dict:
-    torch.manual_seed(0)
-    model = zoo.build(variant_config(name))
+def model_file(vision: Path, out: Path, two_views: bool) -> Path:
+    """`tiny-clip-llava` with the pretrained tower, frozen (two views of it, sequence-fused, for MoCHA)."""
+    config = zoo.get_config("tiny-clip-llava").to_dict()
+    tower = {"kind": "open_clip", "name": f"local-dir:{vision.resolve()}", "pretrained": True, "frozen": True,
+             "feature_layer": -1}
+    config["vision"] = [tower, {**tower, "feature_layer": -2}] if two_views else tower
+    if two_views:
+        config["fusion"] = {"mode": "sequence"}
+    path = out / ("model-two-views.yaml" if two_views else "model.yaml")
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def design_recipe(design: str, model: Path, align_steps: int, steps: int, moe_steps: int) -> list[str]:
+    """Overrides of the demo recipe for one design: align + instruction tuning (+ MoE-tuning for ``moe-llava``)."""
+    base = load_recipe(RECIPE, [])
+    stages = {s.name: s for s in base.stages}
+    align, instruct, moe = (copy.deepcopy(to_dict(stages[n])) for n in ("align", "instruct", "moe"))
+    align["train"]["steps"] = align_steps
+    instruct["train"]["steps"] = steps - (moe_steps if design == "moe-llava" else 0)
+    if design in SPARSIFY:
+        instruct["before"] = [{"action": "sparsify", "policy": SPARSIFY[design]}]
+    elif design in ("cumo", "mocha"):
+        instruct["before"] = [{"action": "co_upcycle"}]
+    chain = [align, instruct]
+    if design == "moe-llava":
+        moe["train"]["steps"] = moe_steps
+        chain.append(moe)
+    return [f"model={model}", f"stages={json.dumps(chain)}", "name=" + f"easy-vqa-{design}"]
+
+
+def run(design: str, vision: Path, out: Path, args: argparse.Namespace, test_samples) -> dict:
+    model_path = model_file(vision, out, two_views=design == "mocha")
+    recipe = load_recipe(RECIPE, design_recipe(design, model_path, args.align_steps, args.steps, args.moe_steps))
+    model = run_recipe(recipe, out / design, resume=True, progress=not args.no_progress)
+    info = json.loads((out / design / "run.json").read_text())["stages"]
+    lm_stages = [s for name, s in info.items() if name != "align"]
+    seconds = sum(s["seconds"] for s in lm_stages)
     counts = zoo.param_counts(model)
-    dataset = VQATrainingSet(model, train)
-    start = time.perf_counter()
-    fit(model, dataset, training, run_dir=out_dir / name, progress=progress)
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    scores = evaluate_benchmark(model.eval(), EasyVQA(), samples=test_samples, batch_size=256).scores
-    eval_seconds = time.perf_counter() - start
-    model.save_pretrained(out_dir / name / "model")
-    return {"model": name, "lm_total": counts.parts["lm"][0], "lm_active": counts.parts["lm"][1],
-            "total": counts.total, "active": counts.active, "train_seconds": round(train_seconds, 1),
-            "eval_seconds": round(eval_seconds, 1), "scores": {k: round(v, 2) for k, v in scores.items()}}
+    scores = evaluate_benchmark(model.eval(), EasyVQA(), samples=test_samples, batch_size=256,
+                                progress=not args.no_progress).scores
+    return {"design": design, "total_params": counts.total, "active_params": counts.active,
+            "seconds_per_step": round(seconds / sum(s["steps"] for s in lm_stages), 4),
+            **{k: round(v, 2) for k, v in scores.items()}}
 
 
-def table(results: list[dict], steps: int, questions: int) -> str:
-    dense = next((r for r in results if r["model"] == "dense"), results[0])
-    lines = [f"| model ({steps} steps, {questions} test questions) | LM total | LM active | accuracy | colour | shape "
-             f"| yes/no | train time | vs {dense['model']} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        s = r["scores"]
-        lines.append(f"| {r['model']} | {r['lm_total'] / 1e3:.0f}K | {r['lm_active'] / 1e3:.0f}K | "
-                     f"{s['accuracy']:.2f}% | {s['colour']:.2f}% | {s['shape']:.2f}% | {s['yes/no']:.2f}% | "
-                     f"{r['train_seconds']:.0f} s | {r['train_seconds'] / dense['train_seconds']:.2f}x |")
+def table(rows: list[dict], steps: int, questions: int) -> str:
+    lines = [f"| design ({steps} LM steps, {questions} test questions) | total | active | accuracy | colour | shape "
+             "| yes/no | s / step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['design']} | {r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
+                     f"{r['accuracy']:.2f}% | {r['colour']:.2f}% | {r['shape']:.2f}% | {r['yes/no']:.2f}% | "
+                     f"{r['seconds_per_step']:.3f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per model (same for all)")
+    parser.add_argument("--steps", type=int, default=1500, help="language-model training steps per design")
+    parser.add_argument("--moe-steps", type=int, default=300, help="of those, MoE-tuning steps of the moe-llava design")
+    parser.add_argument("--align-steps", type=int, default=300)
     parser.add_argument("--limit", type=int, default=None, help="test questions (default: all 9,673)")
-    parser.add_argument("--only", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--only", default=",".join(DESIGNS), help=f"comma-separated subset of {', '.join(DESIGNS)}")
+    parser.add_argument("--vision", default=None, help="an open_clip local-dir checkpoint to reuse (skips stage 0)")
     parser.add_argument("--out", default="runs/bench/easy-vqa-compare")
+    parser.add_argument("--csv", default=str(RESULTS))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     names = args.only.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in DESIGNS]
     if unknown:
-        parser.error(f"--only: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    training = dataclasses.replace(DEMO_TRAINING, steps=args.steps)
-    train = load_easy_vqa("train")
+        parser.error(f"--only: unknown design(s) {unknown}; known: {', '.join(DESIGNS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vision = Path(args.vision) if args.vision else vision_stage(out / "vision", not args.no_progress)
     test_samples = EasyVQA().load(args.limit)
-    out_dir = Path(args.out)
-    results = []
+    rows = []
     for name in names:
         print(f"== {name}", flush=True)
-        results.append(run(name, train, test_samples, training, out_dir, not args.no_progress))
-        print(json.dumps(results[-1]), flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"steps": args.steps, "training": dataclasses.asdict(training),
-                                                      "questions": len(test_samples), "results": results}, indent=1))
-    text = table(results, args.steps, len(test_samples))
-    (out_dir / "results.md").write_text(text + "\n")
-    print(text)
+        rows.append(run(name, vision, out, args, test_samples))
+        print(json.dumps(rows[-1]), flush=True)
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(table(rows, args.steps, len(test_samples)))
+    print(f"wrote {args.csv}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 >>> cache = FeatureCache("cache/", model.vision)          # one folder per tower: config + weights fingerprint
 >>> cache.add(images, batch_size=64)                       # encodes only the images not cached yet
 >>> feats = cache.get(images)                              # [N, L, C] (a list of them for sequence fusion)
+>>> feats = cache.get(stream_images, add_missing=True)     # encodes what is missing, written shard by shard
 
 Entries are keyed by the image's content (a hash of its mode, size and pixels) inside a folder named by the tower's
 fingerprint (its resolved config and the bytes of its weights), so a changed expert never reads stale features.
@@ -78,6 +79,7 @@ class FeatureCache:
             except (json.JSONDecodeError, KeyError) as e:
                 raise ValueError(f"{index_path}: not a feature-cache index ({e}); delete the folder to rebuild") from e
         self._shards: dict[str, dict[str, torch.Tensor]] = {}
+        self._pending: dict[str, list[torch.Tensor]] = {}  # encoded by get(add_missing=True), not yet in a shard
 
     def __len__(self) -> int:
         return len(self.index)
@@ -88,39 +90,54 @@ class FeatureCache:
     @torch.no_grad()
     def add(self, images: Sequence[Image.Image], batch_size: int = 64, progress: bool = False) -> int:
         """Encode and store the images not cached yet (duplicates encoded once); returns how many were added."""
+        todo = self._missing(images)
+        keys = list(todo)
+        starts: Iterable[int] = range(0, len(keys), self.shard_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="caching features", unit="shard")
+        for start in starts:
+            chunk = keys[start:start + self.shard_size]
+            self._write_shard(chunk, self._encode([todo[k] for k in chunk], batch_size))
+        return len(keys)
+
+    def _missing(self, images: Sequence[Image.Image]) -> dict[str, Image.Image]:
         todo: dict[str, Image.Image] = {}
         for i, image in enumerate(images):
             try:
                 key = image_key(image)
             except TypeError as e:
                 raise TypeError(f"image {i}: {e}") from e
-            if key not in self.index:
+            if key not in self.index and key not in self._pending:
                 todo.setdefault(key, image)
-        keys = list(todo)
+        return todo
+
+    @torch.no_grad()
+    def _encode(self, images: list[Image.Image], batch_size: int = 64) -> list[torch.Tensor]:
+        """Per expert part, ``[N, L, C]`` features of ``images`` on the CPU (the tower in eval mode)."""
         was_training = self.tower.training
         self.tower.eval()
-        device = next(self.tower.parameters()).device
-        starts: Iterable[int] = range(0, len(keys), self.shard_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="caching features", unit="shard")
+        param = next(self.tower.parameters())
+        parts: list[list[torch.Tensor]] = []
         try:
-            for start in starts:
-                chunk = keys[start:start + self.shard_size]
-                parts: list[list[torch.Tensor]] = []
-                for b in range(0, len(chunk), batch_size):
-                    pixels = self.tower.preprocess([todo[k] for k in chunk[b:b + batch_size]])
-                    if isinstance(pixels, dict):
-                        pixels = {k: v.to(device) for k, v in pixels.items()}
-                        out = self.tower(pixels)
-                    else:
-                        out = self.tower(pixels.to(device, next(self.tower.parameters()).dtype))
-                    parts.append([t.cpu() for t in (out if isinstance(out, list) else [out])])
-                self._write_shard(chunk, [torch.cat(p) for p in zip(*parts)])
+            for b in range(0, len(images), batch_size):
+                pixels = self.tower.preprocess(images[b:b + batch_size])
+                if isinstance(pixels, dict):
+                    out = self.tower({k: v.to(param.device) for k, v in pixels.items()})
+                else:
+                    out = self.tower(pixels.to(param.device, param.dtype))
+                parts.append([t.cpu() for t in (out if isinstance(out, list) else [out])])
         finally:
             self.tower.train(was_training)
-        return len(keys)
+        return [torch.cat(p) for p in zip(*parts)]
+
+    def flush(self) -> None:
+        """Write the features `get` encoded on the fly (``add_missing``) as a shard."""
+        if self._pending:
+            keys = list(self._pending)
+            self._write_shard(keys, [torch.stack(p) for p in zip(*(self._pending[k] for k in keys))])
+            self._pending = {}
 
     def _write_shard(self, keys: list[str], tensors: list[torch.Tensor]) -> None:
         name = f"shard-{len({s for s, _ in self.index.values()}):05d}.safetensors"
@@ -142,19 +159,29 @@ class FeatureCache:
                 raise ValueError(f"{path}: cannot read cached features ({e}); delete it and its index to rebuild") from e
         return self._shards[name]
 
-    def get(self, images: Sequence[Image.Image]) -> torch.Tensor | list[torch.Tensor]:
+    def get(self, images: Sequence[Image.Image], add_missing: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Cached features of ``images``: ``[N, L, C]`` (a list of per-expert tensors for sequence fusion).
-        An image not in the cache is an error naming its position (call `add` first)."""
-        rows = []
+        An image not in the cache is an error naming its position (call `add` first), unless ``add_missing``: it
+        is then encoded now and kept, written with others as a shard of ``shard_size`` (and by `flush`)."""
+        if not images:
+            raise ValueError("images: nothing to read")
+        if add_missing:
+            todo = self._missing(images)
+            if todo:
+                for key, *parts in zip(todo, *self._encode(list(todo.values()))):
+                    self._pending[key] = parts
+                if len(self._pending) >= self.shard_size:
+                    self.flush()
+        per_image = []
         for i, image in enumerate(images):
             key = image_key(image)
-            if key not in self.index:
+            if key in self._pending:
+                per_image.append(self._pending[key])
+            elif key in self.index:
+                name, row = self.index[key]
+                shard = self._shard(name)
+                per_image.append([shard[f"features.{p}"][row] for p in range(len(shard))])
+            else:
                 raise KeyError(f"image {i}: not in the feature cache {self.dir} (call add() first)")
-            rows.append(self.index[key])
-        if not rows:
-            raise ValueError("images: nothing to read")
-        n_parts = len(self._shard(rows[0][0]))
-        out = []
-        for part in range(n_parts):
-            out.append(torch.stack([self._shard(name)[f"features.{part}"][row] for name, row in rows]))
+        out = [torch.stack(part) for part in zip(*per_image)]
         return out if self.sequence else out[0]

@@ -16,6 +16,10 @@ loaded through ``open_clip.create_model`` (which does open_clip's checkpoint con
 ``model_cfg``, ``vision_cfg`` and ``timm_kwargs`` change the architecture and need ``pretrained: false``.
 Patch dropout is off (tokens must stay on the grid).
 
+Names: open_clip's built-in model configs, and the zoo's own in ``configs/open_clip/*.json`` (``tiny-byob-clip``: timm's
+``test_byobnet`` image tower and a one-layer text tower, the easy-vqa demo's CLIP), registered with open_clip's own
+``add_model_config`` (`register_model_configs`), so ``open_clip.create_model`` builds them by name as well.
+
 Towers: open_clip ``VisionTransformer`` towers are read through their own ``forward_intermediates`` (conv1, class
 and positional embeddings, ``ln_pre``, the resblocks in their ``batch_first`` layout); ``feature_layer`` counts like
 transformers' ``hidden_states`` (-2 = penultimate block) and the CLS token is dropped unless ``drop_prefix`` is false.
@@ -34,10 +38,25 @@ from typing import Any
 
 import torch
 
-from zoo.config import VisionConfig
+from zoo.config import VisionConfig, configs_dir
 
 from .base import ENCODERS, VisionExpert, hidden_state_to_block
 from .timm_expert import TimmExpert
+
+_REGISTERED: set[Path] = set()
+
+
+def register_model_configs(folder: str | Path | None = None) -> None:
+    """Register the open_clip model configs (JSON) of ``folder`` (default: the zoo's ``configs/open_clip``) with
+    open_clip's ``add_model_config``, once per folder and process; afterwards open_clip builds them by name."""
+    import open_clip
+
+    folder = Path(folder) if folder is not None else configs_dir() / "open_clip"
+    if folder in _REGISTERED or not folder.is_dir():
+        return
+    open_clip.add_model_config(folder)
+    _REGISTERED.add(folder)
+
 
 _OPTIONS = {"pretrained_tag": str, "model_cfg": dict, "vision_cfg": dict, "timm_kwargs": dict, "quick_gelu": bool}
 _ARCHITECTURE_OPTIONS = ("model_cfg", "vision_cfg", "timm_kwargs")
@@ -55,6 +74,7 @@ class OpenClipExpert(VisionExpert):
         super().__init__(config)
         import open_clip
 
+        register_model_configs()
         options, schema = _options(config)
         tag = options.get("pretrained_tag")
         tag_cfg = _tag_cfg(open_clip, config.name, tag) if tag else {}

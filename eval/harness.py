@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from zoo.checkpoint import writing
+
 from .benchmark import BENCHMARKS, Benchmark, BenchmarkDataError, Sample
 
 PADDING_SIDE = "left"  # what ZooModel.answer pads prompts with for generation
@@ -159,7 +161,7 @@ class PredictionStore:
 
     def append(self, records: Sequence[dict]) -> None:
         """Append one batch's records and force them to disk (a kill loses at most the batch in flight)."""
-        with open(self.stream, "a", encoding="utf-8") as f:
+        with writing(self.stream), open(self.stream, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             f.flush()
             os.fsync(f.fileno())
@@ -173,8 +175,9 @@ class PredictionStore:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with writing(path, cleanup=tmp):
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------- generation

@@ -17,7 +17,7 @@ from zoo.params import build_on_meta, cached_param_counts
 
 REAL = zoo.list_models(tiny=False)
 TWINS = zoo.list_models(tiny=True)
-DEMO = ("tiny-llava", "tiny-moe-llava")  # the demo models are tiny themselves: no twin
+DEMO = ("tiny-llava", "tiny-moe-llava", "tiny-clip-llava")  # the demo models are tiny themselves: no twin
 DOCS = Path(__file__).parent.parent / "docs" / "cards"
 
 

@@ -9,6 +9,7 @@ steps and keeps the newest ``keep``; `latest_checkpoint` finds the newest comple
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -113,11 +114,29 @@ def publish(tmp: Path, directory: str | Path) -> Path:
     return directory
 
 
+@contextlib.contextmanager
+def staged(directory: str | Path):
+    """Write a checkpoint directory atomically: yields the `staging_directory` to fill, then `publish`es it. A failed
+    write (disk full, ...) raises `zoo.checkpoint.WriteError` naming ``directory``, removes the staging directory and
+    leaves earlier checkpoints as they were."""
+    from zoo.checkpoint import writing
+
+    directory = Path(directory)
+    try:
+        with writing(directory):
+            tmp = staging_directory(directory)
+            yield tmp
+            publish(tmp, directory)
+    except OSError:
+        shutil.rmtree(directory.with_name(directory.name + ".tmp"), ignore_errors=True)
+        raise
+
+
 def save_tree(checkpoint: Mapping[str, Any], directory: str | Path) -> Path:
-    """Write ``checkpoint`` as a checkpoint directory, atomically (temporary directory, then rename)."""
-    tmp = staging_directory(directory)
-    write_tree(checkpoint, tmp)
-    return publish(tmp, directory)
+    """Write ``checkpoint`` as a checkpoint directory, atomically (`staged`)."""
+    with staged(directory) as tmp:
+        write_tree(checkpoint, tmp)
+    return Path(directory)
 
 
 def load_tree(directory: str | Path, map_location: Any = None) -> dict[str, Any]:
@@ -260,4 +279,5 @@ class ResumeState(L.Callback):
 
 
 __all__ = ["PeriodicCheckpoint", "ResumeState", "SafetensorsCheckpointIO", "decode_tree", "encode_tree", "latest_checkpoint",
-           "load_tree", "publish", "rng_states", "save_tree", "set_rng_states", "staging_directory", "write_tree"]
+           "load_tree", "publish", "rng_states", "save_tree", "set_rng_states", "staged", "staging_directory",
+           "write_tree"]

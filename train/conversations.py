@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +46,13 @@ class BadSample(ValueError):
 @dataclass
 class Conversation:
     """One training sample: ``turns`` are ``(role, text)`` with role ``system`` / ``user`` / ``assistant``; ``images``
-    are paths, raw bytes or PIL images, one per ``<image>`` placeholder in the text, in order."""
+    are paths, raw bytes or PIL images, one per ``<image>`` placeholder in the text, in order; ``labels``: facts
+    known about the sample by task (easy-vqa captions: ``colour``, ``shape``), which probes read."""
 
     id: str
     turns: list[tuple[str, str]]
     images: list[str | Path | bytes | Image.Image] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -300,48 +303,62 @@ def write_webdataset(samples: Iterable[Conversation], pattern: str, maxcount: in
     return n
 
 
-def _flat_args(args) -> Iterator:
-    for a in args:
-        if isinstance(a, tuple):
-            yield from _flat_args(a)
-        else:
-            yield a
+def shard_urls(urls: str | Sequence[str]) -> list[str]:
+    """The shard urls of a webdataset source: brace patterns (``train-{00000..00003}.tar``) and ``::`` lists
+    expanded as webdataset expands them."""
+    from webdataset.shardlists import expand_urls
+
+    return [u for url in ([urls] if isinstance(urls, str) else urls) for u in expand_urls(url)]
+
+
+def _tar_complete(path: Path) -> bool:
+    """Whether a tar file ends with its end-of-archive marker (two zero blocks): a file cut at a member boundary
+    reads without an error, so the missing marker is what tells it was truncated."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 1024:
+                return False
+            f.seek(-1024, os.SEEK_END)
+            return f.read(1024) == bytes(1024)
+    except OSError:
+        return False
 
 
 def read_webdataset(urls: str | Sequence[str], skipped: SkipCounter | None = None) -> Iterator[Conversation]:
     """Conversations from webdataset shards written by `write_webdataset` (or LLaVA-style shards with ``json`` +
-    ``jpg``/``png``). A truncated shard or a malformed record is skipped and counted; reading goes on."""
+    ``jpg``/``png``), shard by shard, so that a truncated or unreadable shard is skipped and counted under its own
+    url (a local shard without its end-of-archive marker counts as truncated even where the tar reads cleanly up to
+    the cut); a malformed record is skipped and counted under its key; reading goes on."""
     import webdataset as wds
 
     skipped = skipped if skipped is not None else SkipCounter()
+    for url in shard_urls(urls):
+        failed = []
 
-    shards = [urls] if isinstance(urls, str) else list(urls)
-    last_url = [shards[0] if shards else "?"]
+        def on_error(exn: Exception, url: str = url, failed: list = failed) -> bool:
+            failed.append(exn)
+            skipped.skip(f"unreadable shard data ({type(exn).__name__}: truncated or corrupt tar)", url)
+            return True  # keep going with the next shard
 
-    def on_error(exn: Exception) -> bool:
-        # webdataset appends the shard's url to the exception's args (at one level or another); else the last one read
-        found = [a for a in _flat_args(exn.args) if isinstance(a, str) and (a in shards or a.endswith(".tar"))]
-        skipped.skip(f"unreadable shard data ({type(exn).__name__}: truncated or corrupt tar)",
-                     found[-1] if found else last_url[0])
-        return True  # keep going
-
-    dataset = wds.WebDataset(urls, handler=on_error, shardshuffle=False, empty_check=False)
-    for raw in dataset:
-        last_url[0] = raw.get("__url__", last_url[0])
-        key = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
-        try:
-            record = json.loads(raw["json"])
-            sample = parse_llava_record(record, where=key)
-        except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            skipped.skip(f"malformed JSON record ({type(e).__name__})", key)
-            continue
-        except BadSample as e:
-            skipped.skip(str(e), key)
-            continue
-        images = [raw[k] for k in sorted(k for k in raw if k.endswith(".img"))]
-        images += [raw[k] for k in ("jpg", "png", "jpeg") if k in raw and not images]
-        sample.images = images
-        yield sample
+        for raw in wds.WebDataset(url, handler=on_error, shardshuffle=False, empty_check=False):
+            key = f"{raw.get('__url__', url)}:{raw.get('__key__', '?')}"
+            try:
+                record = json.loads(raw["json"])
+                sample = parse_llava_record(record, where=key)
+            except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                skipped.skip(f"malformed JSON record ({type(e).__name__})", key)
+                continue
+            except BadSample as e:
+                skipped.skip(str(e), key)
+                continue
+            images = [raw[k] for k in sorted(k for k in raw if k.endswith(".img"))]
+            images += [raw[k] for k in ("jpg", "png", "jpeg") if k in raw and not images]
+            sample.images = images
+            yield sample
+        local = Path(url[5:] if url.startswith("file:") else url)
+        if not failed and local.is_file() and not _tar_complete(local):
+            skipped.skip("truncated shard (no end-of-archive marker)", url)
 
 
 # --------------------------------------------------------------------------------------------- the stream
@@ -349,7 +366,9 @@ class ConversationStream(IterableDataset):
     """Encoded training items from one or several sources of `Conversation` (lists or re-iterable callables),
     mixed with ``weights`` (default: in proportion to their sizes for lists, equal otherwise).
 
-    Each item is ``(sample id, input_ids, labels, pixel_values of its images or None)``; bad samples are skipped and
+    Each item is ``(sample id, input_ids, labels, pixel_values of its images or None)`` (with ``features``, a
+    `zoo.encoders.FeatureCache` of the model's frozen vision tower: the images' cached features instead of pixels,
+    encoded once per distinct image and batched as ``image_features``); bad samples are skipped and
     counted in ``skipped`` (reason -> ids) and logged; if more than ``warn_ratio`` of the samples seen were skipped,
     a warning says so. Iterating once goes through every source once (``epochs`` times), sources drawn at random by
     weight (seeded) until all are exhausted.
@@ -357,7 +376,7 @@ class ConversationStream(IterableDataset):
 
     def __init__(self, model: ZooModel, sources: Sequence[Sequence[Conversation] | Callable[[], Iterable]],
                  weights: Sequence[float] | None = None, template: str = "vicuna_v1", seed: int = 0,
-                 epochs: int = 1, warn_ratio: float = 0.05):
+                 epochs: int = 1, warn_ratio: float = 0.05, features=None):
         TEMPLATES.get(template, field="template")
         if weights is not None and len(weights) != len(sources):
             raise ValueError(f"weights: {len(weights)} weights for {len(sources)} sources")
@@ -365,6 +384,7 @@ class ConversationStream(IterableDataset):
         self.weights = list(weights) if weights is not None else [
             float(len(s)) if hasattr(s, "__len__") else 1.0 for s in self.sources]
         self.seed, self.epochs, self.warn_ratio = seed, epochs, warn_ratio
+        self.features = features
         self.skipped = SkipCounter()
         self.seen = 0
         self.start = {"raw": 0, "valid": 0, "valid_end": 0}  # where iteration begins (`load_state_dict`)
@@ -390,7 +410,11 @@ class ConversationStream(IterableDataset):
         encoded = encode_conversation(self.model, sample, self.template)
         pixels = None
         if sample.images:
-            pixels = self.model.vision.preprocess([load_image(im) for im in sample.images])
+            images = [load_image(im) for im in sample.images]
+            if self.features is not None:
+                pixels = self.features.get(images, add_missing=True)
+            else:
+                pixels = self.model.vision.preprocess(images)
         return sample.id, encoded.input_ids, encoded.labels, pixels
 
     def state_dict(self, position: dict | None = None) -> dict:
@@ -444,13 +468,16 @@ class ConversationStream(IterableDataset):
             n, v = batch[-1][4]
             out["data_position"] = {"raw": n + 1, "valid": v + 1, "valid_end": (v // world + 1) * world}
         pixels = [item[3] for item in batch if item[3] is not None]
+        key = "image_features" if self.features is not None else "pixel_values"
         if pixels:
             if isinstance(pixels[0], dict):
-                out["pixel_values"] = {k: torch.cat([p[k] for p in pixels]) for k in pixels[0]}
+                out[key] = {k: torch.cat([p[k] for p in pixels]) for k in pixels[0]}
+            elif isinstance(pixels[0], list):  # sequence-fused experts' cached features: one tensor per expert
+                out[key] = [torch.cat(part) for part in zip(*pixels)]
             else:
-                out["pixel_values"] = torch.cat(pixels)
+                out[key] = torch.cat(pixels)
         return out
 
 
 __all__ = ["BadSample", "Conversation", "ConversationStream", "TEMPLATES", "encode_conversation", "load_image",
-           "parse_llava_record", "read_llava_json", "read_webdataset", "write_webdataset"]
+           "parse_llava_record", "read_llava_json", "read_webdataset", "shard_urls", "write_webdataset"]

@@ -81,8 +81,10 @@ class SkipCounter:
         self.by_reason: dict[str, list[str]] = {}
         self._seen: set[tuple[str, str]] = set()
 
-    def skip(self, reason: str, sample_id: str) -> None:
-        if self._add(reason, sample_id):
+    def skip(self, reason: str, sample_id: str, log_each: bool = True) -> None:
+        """Count ``sample_id`` under ``reason``; logged as a warning unless ``log_each`` is false (the caller then
+        logs a summary, for skips that are expected by the hundred)."""
+        if self._add(reason, sample_id) and log_each:
             log.warning("skipping sample %s: %s", sample_id, reason)
 
     def _add(self, reason: str, sample_id: str) -> bool:

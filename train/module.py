@@ -3,8 +3,10 @@ gradient accumulation and checkpointing, periodic checkpoints and exact resume (
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -101,30 +103,36 @@ class ZooLightningModule(L.LightningModule):
         self.model.update_balancing_biases()
 
     def configure_optimizers(self):
-        cfg = self.config
-        unknown = set(cfg.lr_scale) - {name for name, _ in self.model.named_children()}
-        if unknown:
-            raise ValueError(f"lr_scale: unknown part(s) {sorted(unknown)}; parts: "
-                             f"{[name for name, _ in self.model.named_children()]}")
-        groups = []
-        for part, module in self.model.named_children():
-            lr = cfg.lr * cfg.lr_scale.get(part, 1.0)
-            params = [p for p in module.parameters() if p.requires_grad]  # frozen parts hold no optimizer state
-            decay = [p for p in params if p.ndim >= 2]
-            no_decay = [p for p in params if p.ndim < 2]
-            groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr, "name": f"{part}/decay"},
-                       {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": f"{part}/no_decay"}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
-        warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
+        return adamw_with_schedule(list(self.model.named_children()), self.config)
 
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+def adamw_with_schedule(parts: list[tuple[str, torch.nn.Module]], cfg: TrainConfig) -> dict:
+    """AdamW over the trainable parameters of named ``parts`` (frozen ones hold no optimizer state; no weight decay on
+    biases and norms; ``cfg.lr_scale`` per part name) with linear warm-up, then cosine decay to ``min_lr_ratio``:
+    Lightning's ``configure_optimizers`` result."""
+    names = [name for name, _ in parts]
+    unknown = set(cfg.lr_scale) - set(names)
+    if unknown:
+        raise ValueError(f"lr_scale: unknown part(s) {sorted(unknown)}; parts: {names}")
+    groups = []
+    for part, module in parts:
+        lr = cfg.lr * cfg.lr_scale.get(part, 1.0)
+        params = [p for p in module.parameters() if p.requires_grad]  # frozen parts hold no optimizer state
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr, "name": f"{part}/decay"},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": f"{part}/no_decay"}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class _MetricsLogger(L.pytorch.loggers.CSVLogger):
@@ -135,6 +143,12 @@ class _MetricsLogger(L.pytorch.loggers.CSVLogger):
     def __init__(self, run_dir: str, resume_step: int | None):
         super().__init__(run_dir, name="", version="", flush_logs_every_n_steps=1)
         self.resume_step = resume_step
+
+    def save(self) -> None:
+        from zoo.checkpoint import writing
+
+        with writing(Path(self.log_dir) / "metrics.csv"):  # a full disk is one line naming the file
+            super().save()
 
     @property
     def experiment(self):
@@ -159,15 +173,54 @@ class _MetricsLogger(L.pytorch.loggers.CSVLogger):
         return writer
 
 
-def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | None = None,
-        progress: bool = True, resume: bool = False, callbacks: list[L.Callback] | None = None
-        ) -> ZooLightningModule:
+@contextlib.contextmanager
+def without_log_lines(logger: logging.Logger, prefixes: tuple[str, ...]):
+    """Drop ``logger``'s records whose message starts with one of ``prefixes`` (known notices that say nothing about
+    the zoo's run), for the duration of the block; everything else passes."""
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(prefixes)
+
+    drop = Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+# Lightning's per-run info lines: the litlogger advertisement, the device summary (printed again for every stage) and
+# the "max_steps reached" notice (the zoo reports each stage's end itself)
+LIGHTNING_CHATTER = ("💡 Tip: For seamless cloud logging", "GPU available:", "TPU available:", "HPU available:",
+                     "`Trainer.fit` stopped: `max_steps=")
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """`LIGHTNING_CHATTER` off Lightning's rank-zero logger, and the FutureWarning torch raises each time Lightning's
+    pytree helper builds a ``LeafSpec`` (lightning 2.6 with torch 2.14), for the duration of one ``fit``."""
+    with without_log_lines(logging.getLogger("lightning.pytorch.utilities.rank_zero"), LIGHTNING_CHATTER), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        # frozen vision experts stay in eval mode on purpose (VisionExpert.train); Lightning warns about it
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+        yield
+
+
+def fit(model: torch.nn.Module, dataset, config: TrainConfig, run_dir: str | Path | None = None,
+        progress: bool = True, resume: bool = False, callbacks: list[L.Callback] | None = None,
+        module: L.LightningModule | None = None) -> L.LightningModule:
     """Train `model` in place on `dataset` (which provides ``collate``) for ``config.steps`` optimizer steps.
 
     ``run_dir``: ``metrics.csv`` and, with ``config.checkpoint_every``, ``checkpoints/step-NNNNNNNN`` (safetensors +
     JSON; see `zoo.train.checkpoint`). ``resume``: continue from the newest checkpoint there, if any; with a
     resumable dataset (`ConversationStream`) the result is bitwise the one of an uninterrupted run on CPU.
-    ``callbacks``: more Lightning callbacks (e.g. `zoo.train.routing.RoutingMonitor`).
+    ``callbacks``: more Lightning callbacks (e.g. `zoo.train.routing.RoutingMonitor`). ``module``: the Lightning
+    module that trains `model` (default a `ZooLightningModule`; `zoo.train.contrastive.ContrastiveModule` for
+    contrastive pretraining): it keeps ``losses`` and ``data_position`` as `ZooLightningModule` does.
     """
     from .checkpoint import PeriodicCheckpoint, ResumeState, SafetensorsCheckpointIO, checkpoint_step, latest_checkpoint
     from .parallel import ParallelTraining, ZooParallelStrategy, full_state_dict
@@ -203,7 +256,10 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
     placed = isinstance(strategy, ZooParallelStrategy)  # trains a sharded copy; the weights come back at the end
     if config.gradient_checkpointing and not placed:  # (a placed model recomputes its FSDP units itself)
         enable_gradient_checkpointing(model)
-    module = ZooLightningModule(copy.deepcopy(model) if placed else model, config)
+    if module is not None and placed:
+        raise ConfigError(f"train.strategy: {config.strategy} with expert_parallel {config.expert_parallel} places a "
+                          f"ZooModel itself; {type(module).__name__} trains with strategy auto or ddp")
+    module = module if module is not None else ZooLightningModule(copy.deepcopy(model) if placed else model, config)
     resume_step = checkpoint_step(resume_from) if resume_from is not None else None
     logger = _MetricsLogger(str(run_dir), resume_step) if run_dir else False
     watch = RankWatch(config.timeout)
@@ -216,17 +272,15 @@ def fit(model: ZooModel, dataset, config: TrainConfig, run_dir: str | Path | Non
             raise ConfigError("train.checkpoint_every: DeepSpeed writes its own pickled checkpoints, which zoo does "
                               "not load; use strategy ddp or fsdp for resumable runs")
         extra.append(PeriodicCheckpoint(checkpoints, config.checkpoint_every))
-    trainer = L.Trainer(max_steps=config.steps, accelerator="auto", devices=config.devices,
-                        num_nodes=config.num_nodes, strategy=strategy,
-                        precision=config.precision, accumulate_grad_batches=config.accumulate_grad_batches,
-                        plugins=[SafetensorsCheckpointIO()], logger=logger, callbacks=extra + list(callbacks or []),
-                        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-                        gradient_clip_val=None if placed else config.grad_clip or None, log_every_n_steps=config.log_every,
-                        num_sanity_val_steps=0, deterministic=False)
-    with warnings.catch_warnings():
-        # frozen vision experts stay in eval mode on purpose (VisionExpert.train); Lightning warns about it
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    with _quiet_lightning():
+        trainer = L.Trainer(max_steps=config.steps, accelerator="auto", devices=config.devices,
+                            num_nodes=config.num_nodes, strategy=strategy,
+                            precision=config.precision, accumulate_grad_batches=config.accumulate_grad_batches,
+                            plugins=[SafetensorsCheckpointIO()], logger=logger,
+                            callbacks=extra + list(callbacks or []), enable_checkpointing=False,
+                            enable_progress_bar=progress, enable_model_summary=False,
+                            gradient_clip_val=None if placed else config.grad_clip or None,
+                            log_every_n_steps=config.log_every, num_sanity_val_steps=0, deterministic=False)
         try:
             trainer.fit(module, loader, ckpt_path=str(resume_from) if resume_from is not None else None)
         except Exception as error:  # a collective failed: name the rank that stopped, if one did

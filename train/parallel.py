@@ -173,8 +173,11 @@ class ZooParallelStrategy(ModelParallelStrategy):
         flat = self._flat_tensors(checkpoint.pop("state_dict"), optimizers)
         dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
         if self.is_global_zero:
-            write_tree({**checkpoint, "optimizer_param_groups": [o["param_groups"] for o in optimizers]}, tmp)
-            publish(tmp, path)
+            from zoo.checkpoint import writing
+
+            with writing(path):  # a full disk is one line naming the checkpoint
+                write_tree({**checkpoint, "optimizer_param_groups": [o["param_groups"] for o in optimizers]}, tmp)
+                publish(tmp, path)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from zoo.config import ConfigError, ModelConfig
+from zoo.config import ConfigError, ModelConfig, configs_dir
 from zoo.registry import Registry, UnknownPartError
 
 CATALOGUE: Registry[Path] = Registry("model")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def configs_dir() -> Path:
-    """Where the catalogue lives: ``$ZOO_CONFIGS`` or the repository's ``configs/`` folder."""
-    return Path(os.environ.get("ZOO_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 
 
 def _scan() -> None:
@@ -90,15 +84,18 @@ def resolve_hub_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
                       f"({type(e).__name__}: {e})") from e
 
 
-def load_dir(directory: str | Path, device: str | torch.device | None = None):
+def load_dir(directory: str | Path, device: str | torch.device | None = None, verify: bool = False):
     """Load a checkpoint directory: a zoo checkpoint, a transformers ``LlavaForConditionalGeneration`` one (llava-hf
     layout, converted exactly by :func:`zoo.convert.from_transformers`) or a released LLaVA, MoE-LLaVA or CuMo one
-    (:func:`zoo.released.from_released`; their vision tower is read from the name in their config)."""
-    from zoo.checkpoint import CONFIG_NAME, CheckpointError
+    (:func:`zoo.released.from_released`; their vision tower is read from the name in their config). ``verify``: check
+    the files against the sha256 sums of the export's ``checksums.json`` first (zoo exports)."""
+    from zoo.checkpoint import CONFIG_NAME, CheckpointError, verify_checksums
     from zoo.model import ZooModel
     from zoo.released import ReleasedCheckpointError, detect_layout, from_released
 
     directory = Path(directory)
+    if verify:
+        verify_checksums(directory)
     config_path = directory / CONFIG_NAME
     try:
         meta = json.loads(config_path.read_text())
@@ -123,14 +120,16 @@ def load_dir(directory: str | Path, device: str | torch.device | None = None):
     return model.to(device) if device is not None else model
 
 
-def load(source: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None):
+def load(source: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None,
+         verify: bool = False):
     """Load a trained model from a local checkpoint dir (zoo, llava-hf, or a released LLaVA / MoE-LLaVA / CuMo
     layout), a Hugging Face hub id (offline
     cache honoured; `cache_dir` overrides the hub cache location) or a catalogue name whose entry names released
-    ``weights`` (the entry's name and prompt template then apply)."""
+    ``weights`` (the entry's name and prompt template then apply). ``verify``: a local zoo export's files must match
+    the sha256 sums of its ``checksums.json`` (a mismatch names the file and both hashes)."""
     path = Path(source)
     if path.is_dir():
-        return load_dir(path, device=device)
+        return load_dir(path, device=device, verify=verify)
     _scan()
     if str(source) in CATALOGUE:
         config = get_config(str(source))

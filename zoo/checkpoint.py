@@ -1,13 +1,21 @@
-"""Zoo checkpoints: ``config.json`` + ``model.safetensors`` (+ tokenizer files). Never pickle.
+"""Zoo checkpoints: ``config.json`` + ``model.safetensors`` (+ tokenizer files) + ``checksums.json``. Never pickle.
 
 Loading checks every tensor by name and shape against the model built from ``config.json`` and names the file
-and the tensor on any mismatch; a truncated or corrupt file is reported with its path.
+and the tensor on any mismatch; a truncated or corrupt file is reported with its path. Exports are reproducible
+files: the same weights give byte-identical safetensors (tied names stored once, under the first name in sorted
+order; one metadata entry, so no hash-map order in the header), and ``checksums.json`` records the sha256 of each
+file, which ``load_weights(..., verify=True)`` (``zoo.load(..., verify=True)``) checks. A write that fails (disk
+full, permission, read-only file system, file-size limit) raises `WriteError` naming the path; files already in
+place stay as they were (each file is written under a temporary name and renamed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +28,7 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CHECKSUMS_NAME = "checksums.json"
 FORMAT_VERSION = 1
 
 
@@ -27,23 +36,116 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or does not match its config; names the file/tensor."""
 
 
+class WriteError(OSError):
+    """Writing a file failed (no space left, no permission, read-only file system, file too large); the message is
+    one line: the path and the system's reason."""
+
+    exit_code = 1  # the command line ends with this message and status
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, cleanup: str | Path | None = None):
+    """Turn an ``OSError`` raised by the block into a `WriteError` naming ``path``; ``cleanup``: a temporary file
+    to remove when that happens (the half-written one)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        number = _os_error_number(e)
+        if number is None:
+            raise
+        if cleanup is not None:
+            with contextlib.suppress(OSError):
+                os.remove(cleanup)
+        reason = getattr(e, "strerror", None) or (os.strerror(number) if number > 0 else str(e))
+        error = WriteError(f"{path}: cannot write ({reason})")  # one argument: str() is the message alone
+        error.errno = number
+        raise error from e
+
+
+def _os_error_number(error: Exception) -> int | None:
+    """The errno of an OSError, or of the I/O error safetensors reports in its own exception ("I/O error: ...
+    (os error 28)"); None for other exceptions."""
+    if isinstance(error, OSError):
+        return error.errno or -1
+    if type(error).__name__ == "SafetensorError" and "I/O error" in str(error):
+        match = re.search(r"os error (\d+)", str(error))
+        return int(match.group(1)) if match else -1
+    return None
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` under a temporary name, then rename it into place; failures are `WriteError`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path, cleanup=tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor (tied embeddings) once, under its first name in sorted order, contiguous
+    (a deterministic choice: the same weights always give the same file)."""
+    state = model.state_dict()
+    kept: dict[tuple, str] = {}
+    for name in sorted(state):
+        tensor = state[name]
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in kept:
+            continue
+        kept[key] = name
+    return {name: state[name].contiguous() for name in sorted(kept.values())}
+
+
 def save_checkpoint(model: ZooModel, directory: str | Path) -> Path:
-    """Write `model` to `directory` atomically per file (a crash never leaves a half-written file in place)."""
-    from safetensors.torch import save_model
+    """Write `model` to `directory` atomically per file (a crash never leaves a half-written file in place), with
+    ``checksums.json`` (sha256 per file). The same weights and config give byte-identical files."""
+    from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     config = model.resolved_config().to_dict()
     config["zoo_format"] = FORMAT_VERSION
-    tmp = directory / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG_NAME)
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_model(model, str(tmp), metadata={"format": "pt", "zoo_format": str(FORMAT_VERSION)})
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    write_text_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    weights, tmp = directory / WEIGHTS_NAME, directory / (WEIGHTS_NAME + ".tmp")
+    with writing(weights, cleanup=tmp):
+        save_file(unique_tensors(model), str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, weights)
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(directory)
+        with writing(directory):
+            model.tokenizer.save_pretrained(directory)
+    write_text_atomic(directory / CHECKSUMS_NAME, json.dumps(
+        {name: sha256_of(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}, indent=2) + "\n")
     return directory
+
+
+def verify_checksums(directory: str | Path) -> None:
+    """Check the files listed in ``checksums.json`` against their sha256; a mismatch names the file and both
+    hashes, a missing list is an error too (the export predates checksums, or is not a zoo export)."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing, so the export cannot be verified")
+    try:
+        expected = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    for name, digest in expected.items():
+        actual = sha256_of(directory / name) if (directory / name).is_file() else "(missing)"
+        if actual != digest:
+            raise CheckpointError(f"{directory / name}: sha256 {actual} does not match {digest} recorded in "
+                                  f"{CHECKSUMS_NAME}")
 
 
 def read_checkpoint_config(directory: Path) -> ModelConfig:

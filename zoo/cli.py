@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import logging
+import shlex
+import signal
 import sys
 
 
@@ -59,14 +61,42 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A logging handler that writes to whatever ``sys.stderr`` is when a record comes (a caller may replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _log_progress() -> None:
+    """Show the zoo's own INFO messages (stage starts and ends, skips, caches, probes) on stderr."""
+    logger = logging.getLogger("zoo")
+    if not any(getattr(h, "zoo_progress", False) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.zoo_progress = True
+        handler.setFormatter(logging.Formatter("zoo: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # printed once, whatever handlers a dependency put on the root logger
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from zoo.train.recipe import load_recipe, run_recipe
 
+    _log_progress()
     recipe = load_recipe(args.recipe, args.set)
     run_dir = args.run_dir or str(Path("runs") / recipe.name)
-    run_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    command = shlex.join(["zoo", "train", args.recipe, "--run-dir", run_dir, *[a for item in args.set
+                                                                             for a in ("--set", item)], "--resume"])
+    run_recipe(recipe, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+               command=command)
     print(f"done: {run_dir} (per-stage exports in {run_dir}/NN-stage/model, run.json, recipe.yaml)")
     return 0
 
@@ -121,14 +151,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from zoo.train.demo import DEMO_MOE_POLICY, DEMO_MOE_TRAINING, DEMO_TRAINING, run_demo
+    from zoo.train.demo import run_demo
 
-    training = DEMO_TRAINING if args.steps is None else dataclasses.replace(DEMO_TRAINING, steps=args.steps)
-    moe_steps = args.moe_steps if args.moe_steps is not None else (
-        DEMO_MOE_TRAINING.steps if args.steps is None else max(1, args.steps // 3))
-    moe_training = dataclasses.replace(DEMO_MOE_TRAINING, steps=moe_steps)
-    run_demo(args.model, out_dir=args.out, training=training, eval_limit=args.limit,
-             moe_policy=None if args.dense else DEMO_MOE_POLICY, moe_training=moe_training)
+    _log_progress()
+    command = shlex.join(["zoo", "demo", "--out", args.out, *(["--recipe", args.recipe] if args.recipe else []),
+                          *[a for item in args.set for a in ("--set", item)], "--resume"])
+    run_demo(out_dir=args.out, recipe=args.recipe, overrides=args.set, eval_limit=args.limit,
+             progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite, command=command)
     return 0
 
 
@@ -181,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="default: runs/<recipe name>")
     p.add_argument("--resume", action="store_true",
                    help="load finished stages' exports and continue an unfinished stage from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run the run directory holds (its files are "
+                   "listed as they are removed)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("convert", help="convert a checkpoint (SRC DST: llava-hf, original LLaVA, MoE-LLaVA or CuMo "
@@ -212,14 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_analyze)
-    p = sub.add_parser("demo", help="train and evaluate the demo model on easy-vqa")
-    p.add_argument("--model", default="tiny-llava")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None, help="dense-stage optimizer steps (default: the demo schedule)")
-    p.add_argument("--moe-steps", type=int, default=None,
-                   help="MoE-tuning steps after upcycling (default: the demo schedule, or --steps // 3)")
-    p.add_argument("--dense", action="store_true", help="skip upcycling and MoE-tuning (a dense model)")
+    p = sub.add_parser("demo", help="the easy-vqa recipe (open_clip vision pretraining, align, instruct, MoE-tune), "
+                       "then the dense and the sparse model on the whole test split")
+    p.add_argument("--out", default="runs/demo", help="the run directory (stages, exports, results.json)")
+    p.add_argument("--recipe", default=None, help="default: configs/recipes/easy-vqa.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. stages.2.train.steps=3000 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="load the stages a previous run finished")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test questions only")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("eval", help="evaluate a model on benchmarks in their released formats (zoo.eval)")
     p.add_argument("model", help="checkpoint directory, hub id or catalogue name")
@@ -234,7 +267,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run a subcommand. Exceptions that carry an ``exit_code`` end the command with one line and that code: a run
+    stopped by a signal (128 + its number, saying how to resume), a failed write (1, naming the file), a run
+    directory or data source that cannot be used (2)."""
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit, writes fail with EFBIG (reported) instead of a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        return args.func(args)
+    except Exception as e:
+        code = getattr(e, "exit_code", None)
+        if not isinstance(code, int):
+            raise
+        label = "" if getattr(e, "is_error", True) is False else "error: "
+        print(f"zoo {args.command}: {label}{e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

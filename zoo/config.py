@@ -11,6 +11,8 @@ import copy
 import dataclasses
 import difflib
 import json
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 T = TypeVar("T")
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -82,6 +85,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, path)
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 2e-5 (no dot in the mantissa) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected float, got {value!r} ({type(value).__name__})")
         return float(value)
@@ -136,6 +141,12 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def configs_dir() -> Path:
+    """Where the shipped configs live (``models/`` the catalogue, ``recipes/``, ``open_clip/`` open_clip model
+    configs): ``$ZOO_CONFIGS`` or the repository's ``configs/`` folder."""
+    return Path(os.environ.get("ZOO_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
