@@ -191,6 +191,19 @@ def checkpoint_step(path: str | Path) -> int:
     return int(match.group(1))
 
 
+def save_between_steps(trainer: L.Trainer, path: str | Path) -> None:
+    """``trainer.save_checkpoint`` from a batch start or the end of training (after the step's metrics row is
+    written). Lightning's restart adds one to the loop's count of stepped batches (the logged ``step``), as if the
+    save had happened inside the step (``on_train_batch_end``); between steps it has been counted already, so the
+    checkpoint records one less (or every row after a resume would be logged one step late)."""
+    loop = trainer.fit_loop.epoch_loop
+    loop._batches_that_stepped -= 1
+    try:
+        trainer.save_checkpoint(path, weights_only=False)
+    finally:
+        loop._batches_that_stepped += 1
+
+
 class PeriodicCheckpoint(L.Callback):
     """Saves ``directory/step-NNNNNNNN`` every ``every`` optimizer steps (after the step, so the checkpoint holds the
     weights, optimizer and scheduler of that step) and removes all but the newest ``keep``.
@@ -210,7 +223,7 @@ class PeriodicCheckpoint(L.Callback):
         if step == 0 or step % self.every or step == self._last_saved:
             return  # (with gradient accumulation the step count stays put over the accumulated micro-batches)
         self._last_saved = step
-        trainer.save_checkpoint(self.directory / f"step-{step:08d}", weights_only=False)
+        save_between_steps(trainer, self.directory / f"step-{step:08d}")
         if trainer.is_global_zero:
             done = sorted(p for p in self.directory.iterdir() if _STEP_DIR.match(p.name))
             for old in done[: -self.keep]:
@@ -279,5 +292,5 @@ class ResumeState(L.Callback):
 
 
 __all__ = ["PeriodicCheckpoint", "ResumeState", "SafetensorsCheckpointIO", "decode_tree", "encode_tree", "latest_checkpoint",
-           "load_tree", "publish", "rng_states", "save_tree", "set_rng_states", "staged", "staging_directory",
+           "load_tree", "publish", "rng_states", "save_between_steps", "save_tree", "set_rng_states", "staged", "staging_directory",
            "write_tree"]

@@ -105,12 +105,12 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches or self.guard.agree() is None:
             return  # (checkpoints fall between optimizer steps, not inside an accumulation)
-        from .checkpoint import latest_checkpoint
+        from .checkpoint import latest_checkpoint, save_between_steps
 
         step = trainer.global_step
         newest = latest_checkpoint(self.directory)
         if step and (newest is None or newest.name != f"step-{step:08d}"):
-            trainer.save_checkpoint(self.directory / f"step-{step:08d}", weights_only=False)
+            save_between_steps(trainer, self.directory / f"step-{step:08d}")
         self.guard.stop(f"at step {step} of stage {self.stage}", f"resume with: {self.resume_command}")
 
 
