@@ -95,7 +95,7 @@ class PreemptionCheckpoint(L.Callback):
     """Once a stop was requested: a checkpoint of the step reached in ``directory`` (unless the newest is already of
     that step), then `Interrupted`.
 
-    It acts when the next batch starts, as `zoo.train.checkpoint.PeriodicCheckpoint` saves, after Lightning has
+    It acts when the next batch starts (or when Lightning stops its loop on SIGTERM, at the same point), as `zoo.train.checkpoint.PeriodicCheckpoint` saves, after Lightning has
     written the finished step's row to ``metrics.csv`` (the resumed run keeps every row). In a distributed run the
     ranks agree first (`PreemptionGuard.agree`, once per step)."""
 
@@ -103,8 +103,19 @@ class PreemptionCheckpoint(L.Callback):
         self.guard, self.directory, self.stage, self.resume_command = guard, Path(directory), stage, resume_command
 
     def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
-        if batch_idx % trainer.accumulate_grad_batches or self.guard.agree() is None:
-            return  # (checkpoints fall between optimizer steps, not inside an accumulation)
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # (between optimizer steps, not inside an accumulation)
+            self._checkpoint_and_stop(trainer)
+
+    def on_exception(self, trainer: L.Trainer, module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # Lightning ends the loop itself on SIGTERM (every rank at the same step), after the step's row is logged
+        if isinstance(exception, SIGTERMException):
+            self._checkpoint_and_stop(trainer)
+
+    def _checkpoint_and_stop(self, trainer: L.Trainer) -> None:
+        if self.guard.agree() is None:
+            return
         from .checkpoint import latest_checkpoint, save_between_steps
 
         step = trainer.global_step
