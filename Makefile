@@ -1,12 +1,13 @@
 # Two entry points: `make demo` (train + evaluate the tiny model on easy-vqa) and `make test`.
-# Both create .venv with pip and install the pinned, tested set from constraints.txt; `make test` adds the lmms
-# extra (lmms-eval and ~80 packages it pulls in), whose adapter test runs lmms-eval's own evaluator. The demo does
-# not need it, so it keeps the shorter install.
+# Both create .venv with pip and install the pinned, tested set from constraints.txt. The demo needs the package
+# alone; `make test` adds the extras its tests drive: dev (pytest, ruff, the serving page and its clients), lmms
+# (lmms-eval and ~80 packages it pulls in, for the adapter test that runs lmms-eval's own evaluator) and deepspeed
+# (the DeepSpeed tests).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LMMS_STAMP := $(VENV)/.installed-lmms
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test install lint clean
 
@@ -14,22 +15,23 @@ LMMS_STAMP := $(VENV)/.installed-lmms
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e .
 	touch $(STAMP)
 
-$(LMMS_STAMP): $(STAMP)
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[dev,lmms]"
-	touch $(LMMS_STAMP)
+$(TEST_STAMP): $(STAMP)
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt \
+		-e ".[dev,lmms,deepspeed]"
+	touch $(TEST_STAMP)
 
-install: $(LMMS_STAMP)
+install: $(TEST_STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/zoo demo --resume
 
-test: $(LMMS_STAMP)
+test: $(TEST_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:

@@ -189,7 +189,7 @@ class MoEMLPConnector(nn.Module):
         routing = self.router(flat)
         keep = torch.ones_like(routing.expert, dtype=torch.bool)  # dropless
         weight = combine_weights(routing, keep)
-        out = self.dispatch(self.experts, flat, routing.token, routing.expert, weight)
+        out = self.experts(flat, routing.token, routing.expert, weight, self.dispatch)
         stats = routing_stats(routing, keep, self.moe.num_experts)
         stats.token_routing = TokenRouting((b, length), routing.token.detach(), routing.expert.detach(),
                                            weight.detach())

@@ -74,3 +74,14 @@ def demo_checkpoint(trained_model, easy_vqa, tmp_path_factory):
     image = tmp_path_factory.getbasetemp() / "shape.png"
     easy_vqa["test"].images[0].save(image)
     return {"path": path, "model": zoo.load(path), "image": image}
+
+
+@pytest.fixture(scope="session")
+def distributed(tmp_path_factory):
+    """The suite's multi-process runs (tests/distributed_worker.py `run_all`: gloo processes on free ports), shared
+    by the parallel-training, expert-parallel and DeepSpeed tests."""
+    from distributed_worker import run_all
+
+    runs = run_all(tmp_path_factory.mktemp("distributed"))
+    print("\n" + "\n".join(f"{what}: {seconds:.0f} s" for what, seconds in runs["seconds"].items()))
+    return runs

@@ -303,3 +303,44 @@ def test_original_qwen_config_becomes_the_catalogue_qwen2_architecture():
             "kv_channels": 128, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "seq_length": 8192,
             "max_position_embeddings": 8192, "mm_image_tower": "openai/clip-vit-large-patch14-336"}
     assert _lm_config(qwen) == zoo.get_config("moe-llava-qwen-1.8b-4e").lm.config
+
+
+@pytest.mark.parametrize("name", MOE_LLAVA)
+def test_moe_llava_export_then_import_is_the_identity(name, tmp_path, easy_vqa):
+    """`zoo.released.export_moe_llava` writes the released layout (DeepSpeed-MoE names, MoE-LLaVA's config keys);
+    reading it back gives bitwise the same tensors and logits."""
+    from safetensors.torch import load_file
+
+    from zoo.released import export_moe_llava
+
+    torch.manual_seed(0)
+    source = zoo.build(name).eval()
+    with torch.no_grad():
+        for key, p in source.named_parameters():
+            if ".moe." in key:
+                p.add_(torch.randn_like(p) * 0.2)
+    export_moe_llava(source, tmp_path / "released")
+    written = load_file(tmp_path / "released" / "model.safetensors")
+    assert any(k.endswith("mlp.deepspeed_moe.gate.wg.weight") for k in written)
+    assert not any(".mlp.moe." in k for k in written)
+    config = json.loads((tmp_path / "released" / "config.json").read_text())
+    assert detect_layout(config) == "moe-llava" and config["moe"]["moe_layers_idx"] == [0]
+    back = from_released(tmp_path / "released")
+    want, got = source.state_dict(), back.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    images = easy_vqa["test"].images[:2]
+    pixels = back.vision.preprocess(images)
+    ids, mask = back.collate_prompts([back.encode_prompt("is there a circle?")] * 2, padding_side="right")
+    with torch.no_grad():
+        assert torch.equal(source(ids, pixels, mask).logits, back(ids, pixels, mask).logits)
+
+
+def test_moe_llava_export_refuses_what_the_layout_cannot_hold(tmp_path):
+    from zoo.released import export_moe_llava
+
+    model = zoo.build("moe-llava-phi2-2.7b-4e-tiny")
+    model.config.lm.sparsity.moe["z_loss"] = True
+    with pytest.raises(ValueError, match=r"lm\.sparsity\.moe\.z_loss: True has no place in MoE-LLaVA's config"):
+        export_moe_llava(model, tmp_path / "x")
+    with pytest.raises(ValueError, match=r"lm.config.model_type: MoE-LLaVA's layout is exported for phi and stablelm"):
+        export_moe_llava(zoo.build("moe-llava-qwen-1.8b-4e-tiny"), tmp_path / "y")

@@ -613,3 +613,16 @@ def test_expert_segments_match_the_per_expert_oracle(case, dtype, blocks, monkey
     assert torch.all(grads[2][1] == 0), "the empty expert's input weights get a zero gradient"
     with torch.no_grad():  # inference keeps no pre-activations: same outputs
         assert torch.equal(run(*inputs), y.detach())
+
+
+def test_second_expert_sampling_always_samples_in_eval_too_as_moe_llavas_deepspeed_did():
+    x = torch.randn(64, 12)
+    layer = layer_for(router_init_std=0.05, second_expert_sampling="always").eval()
+    torch.manual_seed(0)
+    a = layer(x).routing.indices(2)
+    torch.manual_seed(1)
+    b = layer(x).routing.indices(2)
+    assert torch.equal(a[:, 0], b[:, 0]) and not torch.equal(a[:, 1], b[:, 1])  # first choice argmax, second noisy
+    assert torch.equal(a[:, 0], layer_for(router_init_std=0.05).eval()(x).routing.indices(2)[:, 0])
+    with pytest.raises(ConfigError, match=r"second_expert_sampling: expected bool \| 'always'"):
+        from_dict(MoEConfig, {"second_expert_sampling": "sometimes"})

@@ -9,6 +9,7 @@ steps and keeps the newest ``keep``; `latest_checkpoint` finds the newest comple
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -83,33 +84,59 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_tree(checkpoint: Mapping[str, Any], directory: str | Path) -> Path:
-    """Write ``checkpoint`` as a checkpoint directory, atomically (temporary directory, then rename); a failed write
-    (disk full, ...) raises `zoo.checkpoint.WriteError` naming the directory and leaves earlier checkpoints as they
-    were."""
+def staging_directory(directory: str | Path) -> Path:
+    """The temporary directory a checkpoint is written into before `publish` renames it into place (emptied)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a kill during an earlier write
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_tree(checkpoint: Mapping[str, Any], directory: Path) -> None:
+    """``state.json`` + ``tensors.safetensors`` of ``checkpoint`` into an existing directory, synced to disk."""
     from safetensors.torch import save_file
 
+    tensors: dict[str, torch.Tensor] = {}
+    tree = encode_tree(dict(checkpoint), tensors)
+    save_file(tensors, str(directory / TENSORS))
+    (directory / STATE).write_text(json.dumps(tree))
+    for name in (TENSORS, STATE):
+        _fsync(directory / name)
+
+
+def publish(tmp: Path, directory: str | Path) -> Path:
+    """Rename a fully written `staging_directory` into place (replacing an older checkpoint of that name)."""
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.rename(tmp, directory)
+    return directory
+
+
+@contextlib.contextmanager
+def staged(directory: str | Path):
+    """Write a checkpoint directory atomically: yields the `staging_directory` to fill, then `publish`es it. A failed
+    write (disk full, ...) raises `zoo.checkpoint.WriteError` naming ``directory``, removes the staging directory and
+    leaves earlier checkpoints as they were."""
     from zoo.checkpoint import writing
 
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    tensors: dict[str, torch.Tensor] = {}
-    tree = encode_tree(dict(checkpoint), tensors)
     try:
         with writing(directory):
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a kill during an earlier write
-            tmp.mkdir(parents=True)
-            save_file(tensors, str(tmp / TENSORS))
-            (tmp / STATE).write_text(json.dumps(tree))
-            for name in (TENSORS, STATE):
-                _fsync(tmp / name)
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.rename(tmp, directory)
+            tmp = staging_directory(directory)
+            yield tmp
+            publish(tmp, directory)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(directory.with_name(directory.name + ".tmp"), ignore_errors=True)
         raise
-    return directory
+
+
+def save_tree(checkpoint: Mapping[str, Any], directory: str | Path) -> Path:
+    """Write ``checkpoint`` as a checkpoint directory, atomically (`staged`)."""
+    with staged(directory) as tmp:
+        write_tree(checkpoint, tmp)
+    return Path(directory)
 
 
 def load_tree(directory: str | Path, map_location: Any = None) -> dict[str, Any]:
@@ -164,25 +191,52 @@ def checkpoint_step(path: str | Path) -> int:
     return int(match.group(1))
 
 
+def save_between_steps(trainer: L.Trainer, path: str | Path) -> None:
+    """``trainer.save_checkpoint`` from a batch start or the end of training (after the step's metrics row is
+    written). Lightning's restart adds one to the loop's count of stepped batches (the logged ``step``), as if the
+    save had happened inside the step (``on_train_batch_end``); between steps it has been counted already, so the
+    checkpoint records one less (or every row after a resume would be logged one step late)."""
+    loop = trainer.fit_loop.epoch_loop
+    loop._batches_that_stepped -= 1
+    try:
+        trainer.save_checkpoint(path, weights_only=False)
+    finally:
+        loop._batches_that_stepped += 1
+
+
 class PeriodicCheckpoint(L.Callback):
     """Saves ``directory/step-NNNNNNNN`` every ``every`` optimizer steps (after the step, so the checkpoint holds the
-    weights, optimizer and scheduler of that step) and removes all but the newest ``keep``."""
+    weights, optimizer and scheduler of that step) and removes all but the newest ``keep``.
+
+    It saves when the next batch starts (or training ends), after Lightning has logged the step's metrics: a kill
+    right after a checkpoint (a dead peer makes the others fail in its closing barrier) leaves every row the
+    resumed run keeps in ``metrics.csv``."""
 
     def __init__(self, directory: str | Path, every: int, keep: int = 1):
         if every < 1 or keep < 1:
             raise ValueError(f"checkpoint_every and keep must be >= 1, got {every} and {keep}")
         self.directory, self.every, self.keep = Path(directory), every, keep
+        self._last_saved: int | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+    def _save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every or step == getattr(self, "_last_saved", None):
+        if step == 0 or step % self.every or step == self._last_saved:
             return  # (with gradient accumulation the step count stays put over the accumulated micro-batches)
         self._last_saved = step
-        trainer.save_checkpoint(self.directory / f"step-{step:08d}", weights_only=False)
+        save_between_steps(trainer, self.directory / f"step-{step:08d}")
         if trainer.is_global_zero:
             done = sorted(p for p in self.directory.iterdir() if _STEP_DIR.match(p.name))
             for old in done[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        self._last_saved = trainer.global_step  # a resumed run does not write its own checkpoint again
+
+    def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module) -> None:
+        self._save(trainer)
 
 
 def rng_states() -> dict[str, Any]:
@@ -238,4 +292,5 @@ class ResumeState(L.Callback):
 
 
 __all__ = ["PeriodicCheckpoint", "ResumeState", "SafetensorsCheckpointIO", "decode_tree", "encode_tree", "latest_checkpoint",
-           "load_tree", "rng_states", "save_tree", "set_rng_states"]
+           "load_tree", "publish", "rng_states", "save_between_steps", "save_tree", "set_rng_states", "staged", "staging_directory",
+           "write_tree"]

@@ -4,6 +4,7 @@ gradient accumulation and checkpointing, periodic checkpoints and exact resume (
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import logging
 import math
@@ -42,6 +43,9 @@ class TrainConfig:
     strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 (`zoo.train.strategy`)
     devices: int | str = 1  # per node; "auto" takes every visible device
     num_nodes: int = 1
+    expert_parallel: int = 1  # ranks each MoE layer's routed experts are split over (with ddp or fsdp)
+    timeout: float = 1800.0  # seconds a rank waits on the others in a collective before the run stops
+    deepspeed_config: str | None = None  # a DeepSpeed JSON for deepspeed_stage_2/3 (`zoo.train.deepspeed`)
     precision: str = "32-true"  # any Lightning precision: bf16-mixed, 16-mixed, bf16-true, ...
     accumulate_grad_batches: int = 1  # the optimizer steps every N batches (``batch_size`` is per device)
     gradient_checkpointing: bool = False  # recompute the LM's decoder layers in the backward pass
@@ -118,6 +122,13 @@ class ZooLightningModule(L.LightningModule):
             self.log(f"train/aux/{name}", value, batch_size=size)
         return loss
 
+    def configure_model(self) -> None:
+        """Strategies that place the model themselves (`zoo.train.parallel.ZooParallelStrategy`: FSDP2, experts over
+        ranks) do it here, before the optimizer is built."""
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self.model)
+
     def on_before_zero_grad(self, optimizer) -> None:
         # right after each optimiser step (once per accumulated step): the aux-loss-free balancing of bias routers
         self.model.update_balancing_biases()
@@ -172,8 +183,10 @@ class _MetricsLogger(L.pytorch.loggers.CSVLogger):
 
     @property
     def experiment(self):
-        if self._experiment is not None or self.resume_step is None:
-            return super().experiment
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if self._experiment is not None or self.resume_step is None or rank_zero_only.rank != 0:
+            return super().experiment  # (other ranks get Lightning's dummy and must not touch the file)
         path = Path(self.log_dir) / "metrics.csv"
         fields, rows = [], []
         if path.is_file():
@@ -241,6 +254,8 @@ def fit(model: torch.nn.Module, dataset, config: TrainConfig, run_dir: str | Pat
     contrastive pretraining): it keeps ``losses`` and ``data_position`` as `ZooLightningModule` does.
     """
     from .checkpoint import PeriodicCheckpoint, ResumeState, SafetensorsCheckpointIO, checkpoint_step, latest_checkpoint
+    from .parallel import ParallelTraining, ZooParallelStrategy, full_state_dict
+    from .ranks import MemoryReport, RankWatch
     from .strategy import build_strategy, enable_gradient_checkpointing
 
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -265,12 +280,22 @@ def fit(model: torch.nn.Module, dataset, config: TrainConfig, run_dir: str | Pat
                          "resumable dataset such as ConversationStream")
     if hasattr(dataset, "report_position"):
         dataset.report_position = True  # its batches say where the data continues; checkpoints record it
-    if config.gradient_checkpointing:
+    strategy = build_strategy(config.strategy, model, expert_parallel=config.expert_parallel, devices=config.devices,
+                              num_nodes=config.num_nodes, timeout=config.timeout,
+                              deepspeed_config=config.deepspeed_config,
+                              gradient_checkpointing=config.gradient_checkpointing)
+    placed = isinstance(strategy, ZooParallelStrategy)  # trains a sharded copy; the weights come back at the end
+    if config.gradient_checkpointing and not placed:  # (a placed model recomputes its FSDP units itself)
         enable_gradient_checkpointing(model)
-    module = module if module is not None else ZooLightningModule(model, config)
+    if module is not None and placed:
+        raise ConfigError(f"train.strategy: {config.strategy} with expert_parallel {config.expert_parallel} places a "
+                          f"ZooModel itself; {type(module).__name__} trains with strategy auto or ddp")
+    module = module if module is not None else ZooLightningModule(copy.deepcopy(model) if placed else model, config)
     resume_step = checkpoint_step(resume_from) if resume_from is not None else None
     logger = _MetricsLogger(str(run_dir), resume_step) if run_dir else False
-    extra = [ResumeState(dataset)]
+    watch = RankWatch(config.timeout)
+    extra = [ResumeState(dataset), watch] + ([ParallelTraining(config.grad_clip)] if placed else [])
+    extra += [MemoryReport(run_dir)] if run_dir else []
     if config.checkpoint_every:
         if checkpoints is None:
             raise ValueError("checkpoint_every: periodic checkpoints need a run directory")
@@ -280,12 +305,22 @@ def fit(model: torch.nn.Module, dataset, config: TrainConfig, run_dir: str | Pat
         extra.append(PeriodicCheckpoint(checkpoints, config.checkpoint_every))
     with _quiet_lightning():
         trainer = L.Trainer(max_steps=config.steps, accelerator="auto", devices=config.devices,
-                            num_nodes=config.num_nodes, strategy=build_strategy(config.strategy, model),
+                            num_nodes=config.num_nodes, strategy=strategy,
                             precision=config.precision, accumulate_grad_batches=config.accumulate_grad_batches,
                             plugins=[SafetensorsCheckpointIO()], logger=logger,
                             callbacks=extra + list(callbacks or []), enable_checkpointing=False,
                             enable_progress_bar=progress, enable_model_summary=False,
-                            gradient_clip_val=config.grad_clip or None, log_every_n_steps=config.log_every,
-                            num_sanity_val_steps=0, deterministic=False)
-        trainer.fit(module, loader, ckpt_path=str(resume_from) if resume_from is not None else None)
+                            gradient_clip_val=None if placed else config.grad_clip or None,
+                            log_every_n_steps=config.log_every, num_sanity_val_steps=0, deterministic=False)
+        try:
+            trainer.fit(module, loader, ckpt_path=str(resume_from) if resume_from is not None else None)
+        except Exception as error:  # a collective failed: name the rank that stopped, if one did
+            explained = watch.explain(error)
+            if explained is not None:
+                raise explained from error
+            raise
+        finally:
+            watch.close()
+    if placed:
+        model.load_state_dict(full_state_dict(module.model))
     return module

@@ -3,7 +3,7 @@
 `PreemptionGuard` (installed by the recipe runner around its stages) turns SIGTERM and SIGINT into a request to
 stop: the step under way finishes, `PreemptionCheckpoint` writes a checkpoint at that step into the stage's
 ``checkpoints/`` (unless the newest one is already of that step) and the run stops with `Interrupted`, whose message
-says where it stopped and how to resume; the command exits 143 (SIGTERM) or 130 (SIGINT). A second SIGINT stops at
+says where it stopped and how to resume (in a distributed run every rank, at the same step: `PreemptionGuard.agree`); the command exits 143 (SIGTERM) or 130 (SIGINT). A second SIGINT stops at
 once (KeyboardInterrupt). Under SLURM (``SLURM_JOB_ID``) the requeue signal SIGUSR1 does the same and then asks
 ``scontrol requeue`` for the job, which starts again with ``--resume`` in the same run directory.
 """
@@ -62,6 +62,23 @@ class PreemptionGuard:
             signal.signal(signum, handler)
         self._previous = {}
 
+    def agree(self) -> int | None:
+        """The stop request of this process, or in a distributed run of any rank (one small all-reduce, which every
+        rank must call at the same point): signals reach the ranks at slightly different moments, and every rank
+        must write its part of the same checkpoint and stop at the same step. A request of another rank becomes this
+        one's."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.received
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([self.received or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the signal's number (the largest, if several)
+        if flag.item() and self.received is None:
+            self.received = int(flag.item())
+        return self.received
+
     def stop(self, where: str, resume: str) -> None:
         """Raise `Interrupted` if a stop was requested (after requeueing the SLURM job on its signal)."""
         if self.received is None:
@@ -77,21 +94,36 @@ class PreemptionGuard:
 
 
 class PreemptionCheckpoint(L.Callback):
-    """After each optimizer step, if the guard received a stop request: a checkpoint of this step in ``directory``
-    (unless the newest is already of this step), then `Interrupted`."""
+    """Once a stop was requested: a checkpoint of the step reached in ``directory`` (unless the newest is already of
+    that step), then `Interrupted`.
+
+    It acts when the next batch starts (or when Lightning stops its loop on SIGTERM, at the same point), as `zoo.train.checkpoint.PeriodicCheckpoint` saves, after Lightning has
+    written the finished step's row to ``metrics.csv`` (the resumed run keeps every row). In a distributed run the
+    ranks agree first (`PreemptionGuard.agree`, once per step)."""
 
     def __init__(self, guard: PreemptionGuard, directory: Path, stage: str, resume_command: str):
         self.guard, self.directory, self.stage, self.resume_command = guard, Path(directory), stage, resume_command
 
-    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
-        if self.guard.received is None:
+    def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # (between optimizer steps, not inside an accumulation)
+            self._checkpoint_and_stop(trainer)
+
+    def on_exception(self, trainer: L.Trainer, module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # Lightning ends the loop itself on SIGTERM (every rank at the same step), after the step's row is logged
+        if isinstance(exception, SIGTERMException):
+            self._checkpoint_and_stop(trainer)
+
+    def _checkpoint_and_stop(self, trainer: L.Trainer) -> None:
+        if self.guard.agree() is None:
             return
-        from .checkpoint import latest_checkpoint
+        from .checkpoint import latest_checkpoint, save_between_steps
 
         step = trainer.global_step
         newest = latest_checkpoint(self.directory)
         if step and (newest is None or newest.name != f"step-{step:08d}"):
-            trainer.save_checkpoint(self.directory / f"step-{step:08d}", weights_only=False)
+            save_between_steps(trainer, self.directory / f"step-{step:08d}")
         self.guard.stop(f"at step {step} of stage {self.stage}", f"resume with: {self.resume_command}")
 
 

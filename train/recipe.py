@@ -391,10 +391,20 @@ def _cacheable(model: ZooModel) -> bool:
 
 
 def _feature_cache(model: ZooModel, run_dir: Path, sources: list, progress: bool):
-    """The run's `FeatureCache` of the model's vision tower, with every image of the in-memory sources encoded."""
+    """The run's `FeatureCache` of the model's vision tower, with every image of the in-memory sources encoded. Rank 0
+    owns the run directory; other ranks of a data-parallel run keep their own cache in a temporary directory (removed
+    at exit), so no rank writes into the run directory before rank 0 has claimed it or beside it."""
     from zoo.encoders import FeatureCache
 
-    cache = FeatureCache(run_dir / "features", model.vision)
+    directory = run_dir / "features"
+    if not _is_main_process():
+        import atexit
+        import shutil
+        import tempfile
+
+        directory = Path(tempfile.mkdtemp(prefix="zoo-features-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    cache = FeatureCache(directory, model.vision)
     seen: dict[int, object] = {}
     for source in sources:
         if isinstance(source, list):
@@ -486,6 +496,7 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, resume: bool = False, 
             skipped = SkipCounter()
             sources = {name: build_source(cfg, skipped) for name, cfg in recipe.data.items()}
             for i, stage in enumerate(recipe.stages):
+                guard.agree()  # (every rank stops, or none)
                 guard.stop(f"before stage {stage.name}", f"resume with: {resume_command}")
                 _run_stage(model, recipe, i, run_dir, sources, skipped, info, resume, progress,
                            [*(callbacks or [])], guard, resume_command)

@@ -2,7 +2,8 @@
 
 * A directory that already holds a run (``recipe.yaml``, ``run.json`` or a stage folder) is refused unless the run
   is resumed (``--resume``: the recipe must be the run's own; fields that only extend training, such as more
-  steps, may change) or replaced (``--overwrite``: the run's files are removed, and the message lists them).
+  steps, may change; so may the number of processes, if the global batch stays: a 2-process run resumes in one) or
+  replaced (``--overwrite``: the run's files are removed, and the message lists them).
 * ``run.lock`` names the process that trains into the directory (pid, host, start time); a second process is
   refused, naming it. A lock whose process is gone (same host, pid not running) is stale and taken over, with a
   message.
@@ -65,12 +66,29 @@ def check_resumable(stored: dict, recipe: dict, where: Path) -> None:
     """Refuse to resume a run with a recipe that differs from the stored one, except in `EXTENDING` fields (and a
     ``steps`` field only upwards); the error names the first field that differs."""
     remaining = json.loads(json.dumps(recipe))  # compared after dropping the allowed differences, one by one
+    _same_global_batch(stored, remaining)
     while (found := first_difference(stored, remaining)) is not None:
         path, old, new = found
         if not any(rule.match(path) for rule in EXTENDING) or (path.endswith(".steps") and new < old):
             raise RunDirError(f"--resume: the recipe differs from the run's ({where}) at {path}: {old!r} there, "
                               f"{new!r} here; resume with the run's recipe, or start a new run directory")
         _set(remaining, path, old)
+
+
+LAYOUT = ("batch_size", "devices", "num_nodes", "expert_parallel", "timeout")  # how a stage's global batch is spread
+
+
+def _same_global_batch(stored: dict, recipe: dict) -> None:
+    """A resumed stage may run on another number of processes (checkpoints reshard): where the global batch
+    (``batch_size`` x ``devices`` x ``num_nodes``) is unchanged, take the stored `LAYOUT` fields into ``recipe``."""
+    def global_batch(train: dict) -> Any:
+        devices = train.get("devices", 1)
+        return train.get("batch_size", 1) * devices * train.get("num_nodes", 1) if isinstance(devices, int) else None
+
+    for old, new in zip(stored.get("stages") or [], recipe.get("stages") or []):
+        a, b = (old or {}).get("train") or {}, (new or {}).get("train") or {}
+        if a and b and global_batch(a) is not None and global_batch(a) == global_batch(b):
+            b.update({k: a[k] for k in LAYOUT if k in a})
 
 
 def _set(data: Any, path: str, value: Any) -> None:

@@ -1,61 +1,73 @@
 """Training strategies by name (``train.strategy`` in a recipe) and gradient checkpointing.
 
-``auto`` (one device, or whatever Lightning picks), ``ddp`` (data parallel; on CPU over gloo), ``fsdp`` (fully
-sharded; parts whose parameters are all frozen are left out of the flat parameters and kept whole on every rank),
-``deepspeed_stage_2`` / ``deepspeed_stage_3`` (ZeRO; only if DeepSpeed is installed; never needed to train on one
-device or to run a model). Frozen parameters never reach the optimizer (`ZooLightningModule.configure_optimizers`).
+``auto`` (one device, or whatever Lightning picks), ``ddp`` (data parallel; on CPU over gloo), ``fsdp`` (FSDP2
+``fully_shard`` through Lightning's ``ModelParallelStrategy``, on CUDA and on CPU: `zoo.train.parallel`),
+``deepspeed_stage_2`` / ``deepspeed_stage_3`` (ZeRO through Lightning, CUDA only; `zoo.train.deepspeed`).
+``train.expert_parallel: N`` splits every MoE layer's routed experts over N ranks, with ``ddp`` or ``fsdp`` for the
+rest of the model. Frozen parameters never reach the optimizer (`ZooLightningModule.configure_optimizers`); parts
+whose parameters are all frozen stay whole on every rank under ``fsdp``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-
-from torch import nn
+from datetime import timedelta
 
 from zoo.config import ConfigError
 from zoo.model import ZooModel
+from zoo.plan import frozen_parts
+
+from .parallel import ZooParallelStrategy
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
 
 
-def frozen_parts(model: ZooModel) -> list[nn.Module]:
-    """The parts (``vision``, ``connector``, ``lm``) none of whose parameters train."""
-    return [module for _, module in model.named_children()
-            if any(True for _ in module.parameters()) and not any(p.requires_grad for p in module.parameters())]
-
-
-def has_routing(model: nn.Module) -> bool:
+def has_routing(model) -> bool:
     """Whether some parameters may get no gradient in a step (routed experts): DDP must then look for them."""
     return any("router" in name for name, _ in model.named_parameters())
 
 
-def build_strategy(name: str, model: ZooModel, require_device: bool = True):
-    """The Lightning strategy for ``name`` (one of `STRATEGIES`); errors name the field and the choices.
-    ``require_device=False`` builds a strategy even where it could not run (to inspect it)."""
+def world_size(devices: int | str, num_nodes: int) -> int:
+    """Processes of a run: ``devices`` per node times ``num_nodes`` (``devices`` must be a number to know it)."""
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"train.devices: a number of devices per node is needed here, got {devices!r}")
+    if num_nodes < 1:
+        raise ConfigError(f"train.num_nodes: must be >= 1, got {num_nodes}")
+    return devices * num_nodes
+
+
+def build_strategy(name: str, model: ZooModel, require_device: bool = True, *, expert_parallel: int = 1,
+                   devices: int | str = 1, num_nodes: int = 1, timeout: float | None = None,
+                   deepspeed_config: str | None = None, gradient_checkpointing: bool = False):
+    """The Lightning strategy for ``name`` (one of `STRATEGIES`) with ``expert_parallel`` ranks per EP group over
+    ``devices`` x ``num_nodes`` processes; ``timeout`` (seconds) bounds every collective. Errors name the field.
+    ``gradient_checkpointing``: `ZooParallelStrategy` recomputes its units itself (``fsdp``, expert parallelism).
+    ``require_device=False`` builds a DeepSpeed strategy even where it could not run (to inspect it)."""
     if name not in STRATEGIES:
         raise ConfigError(f"train.strategy: expected one of {', '.join(STRATEGIES)}, got {name!r}")
+    wait = timedelta(seconds=timeout) if timeout is not None else None
+    if expert_parallel != 1 or name == "fsdp":
+        if name not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.expert_parallel: {expert_parallel} runs with strategy ddp or fsdp for the rest "
+                              f"of the model, got train.strategy {name!r}")
+        from zoo.moe.parallel import check_expert_parallel
+
+        world = world_size(devices, num_nodes)
+        check_expert_parallel(model, expert_parallel, world)
+        return ZooParallelStrategy(world, expert_parallel, shard=name == "fsdp", timeout=wait,
+                                   activation_checkpointing=gradient_checkpointing)
+    if deepspeed_config is not None and not name.startswith("deepspeed"):
+        raise ConfigError(f"train.deepspeed_config: only for the deepspeed_stage_2/3 strategies, got "
+                          f"train.strategy {name!r}")
     if name == "auto":
         return "auto"
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=has_routing(model))
-    if name == "fsdp":
-        import torch
-        from lightning.pytorch.strategies import FSDPStrategy
+        return DDPStrategy(find_unused_parameters=has_routing(model), **({"timeout": wait} if wait else {}))
+    from .deepspeed import deepspeed_strategy
 
-        if require_device and not torch.cuda.is_available():
-            raise ConfigError("train.strategy: 'fsdp' runs on CUDA devices only (Lightning's FSDP); on CPU use 'ddp'")
-
-        decoder_layers = {type(m) for m in model.lm.modules() if type(m).__name__.endswith("DecoderLayer")}
-        return FSDPStrategy(auto_wrap_policy=decoder_layers or None, use_orig_params=True,
-                            ignored_modules=frozen_parts(model), state_dict_type="full")
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"train.strategy: {name!r} needs DeepSpeed, which is not installed (pip install "
-                          "deepspeed); use 'ddp' or 'fsdp' instead")
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return DeepSpeedStrategy(stage=int(name[-1]))
+    return deepspeed_strategy(int(name[-1]), deepspeed_config, require_device, wait)
 
 
 def enable_gradient_checkpointing(model: ZooModel) -> None:
@@ -63,10 +75,19 @@ def enable_gradient_checkpointing(model: ZooModel) -> None:
     lm = getattr(model, "hf", model.lm)  # a transformers-native model (zoo.families) checkpoints its own layers
     if not getattr(lm, "supports_gradient_checkpointing", False):
         raise ConfigError(f"train.gradient_checkpointing: the LM {type(lm).__name__} does not support it")
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from zoo.lm.sparse import recompute_context_fn
+
+    kwargs = {"use_reentrant": False, "context_fn": recompute_context_fn(lm)}  # sparse layers' masks again
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     for expert in model.vision.modules():
         if hasattr(expert, "set_grad_checkpointing") and any(p.requires_grad for p in expert.parameters()):
             expert.set_grad_checkpointing(True)
 
 
-__all__ = ["STRATEGIES", "build_strategy", "enable_gradient_checkpointing", "frozen_parts", "has_routing"]
+def deepspeed_installed() -> bool:
+    """Whether the ``deepspeed`` extra is installed."""
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+__all__ = ["STRATEGIES", "build_strategy", "deepspeed_installed", "enable_gradient_checkpointing", "frozen_parts",
+           "has_routing", "world_size"]

@@ -95,6 +95,12 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
     for name in args.models:
         print(f"{name}:\n{param_counts(name)}")
+        if args.gpus:
+            from zoo.plan import plan_entry
+
+            print(plan_entry(name, args.gpus, args.gpu_memory, args.strategy, args.expert_parallel, args.trainable,
+                             precision=args.precision, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                             gradient_checkpointing=args.gradient_checkpointing))
     return 0
 
 
@@ -238,6 +244,17 @@ def build_parser() -> ZooArgumentParser:
     p.set_defaults(func=_cmd_build)
     p = sub.add_parser("params", help="total and active parameters by part, counted on the meta device (no weights)")
     p.add_argument("models", nargs="+")
+    p.add_argument("--gpus", type=int, default=0, help="plan a training run on this many GPUs: bytes per rank of "
+                   "parameters, gradients, AdamW states, activations (estimate), all-to-all, and whether it fits")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--strategy", default="fsdp", help="ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3")
+    p.add_argument("--expert-parallel", type=int, default=1, help="ranks each MoE layer's experts are split over")
+    p.add_argument("--trainable", nargs="+", default=None, help="parts or parameter globs that train (default: all "
+                   "but the frozen vision experts)")
+    p.add_argument("--precision", default="bf16-mixed", help="32-true | bf16-mixed | bf16-true | ...")
+    p.add_argument("--micro-batch", type=int, default=1, help="samples per GPU and step")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (image tokens included)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.set_defaults(func=_cmd_params)
     p = sub.add_parser("train", help="run a staged training recipe (configs/recipes/*.yaml)")
     p.add_argument("recipe")

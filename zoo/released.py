@@ -82,6 +82,7 @@ CuMo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -403,3 +404,84 @@ def from_released(directory: str | Path, vision_tower: str | None = None, tokeni
         raise ReleasedCheckpointError(f"{sorted(state)[0]}: a tensor of the checkpoint that no zoo part holds "
                                       f"({len(state)} left over)")
     return model.eval()
+
+
+def _moe_block(model: ZooModel) -> dict:
+    """MoE-LLaVA's ``moe`` config block for the model's LM policy; a policy field that the block cannot carry (so
+    that `from_released` would rebuild another layer) is an error naming it."""
+    from zoo.lm.sparse import select_layers
+    from zoo.moe.config import MoEConfig
+
+    policy = model.config.lm.sparsity
+    if policy is None:
+        raise ValueError("lm.sparsity: a dense LM; MoE-LLaVA's layout holds a sparse one (sparsify it first)")
+    layers = select_layers(policy.layers, model.lm.config.num_hidden_layers)
+    moe = policy.moe
+    block = {"moe_enable": True, "moe_mode": "sparse", "moe_layers_idx": layers,
+             "num_experts": [moe.get("num_experts", 4)] * len(layers), "top_k_experts": moe.get("top_k", 2),
+             "capacity_factor": moe.get("capacity_factor"), "eval_capacity_factor": moe.get("eval_capacity_factor"),
+             "min_capacity": moe.get("min_capacity", 0), "use_residual": False, "ep_size": 1,
+             "router_aux_loss_coef": policy.coefficients.get("balance", 0.0)}
+    back = _sparsity({"moe": block})
+    defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+    for key in sorted(set(moe) | set(back.moe)):
+        ours, theirs = moe.get(key, defaults.get(key)), back.moe.get(key, defaults.get(key))
+        if ours != theirs:
+            raise ValueError(f"lm.sparsity.moe.{key}: {ours!r} has no place in MoE-LLaVA's config (its layer would "
+                             f"come back as {theirs!r})")
+    for key in ("modality_routing", "last_image_token_as_text", "layer_losses"):
+        if getattr(policy, key) != getattr(back, key):
+            raise ValueError(f"lm.sparsity.{key}: {getattr(policy, key)!r} has no place in MoE-LLaVA's config")
+    return block
+
+
+def export_moe_llava(model: ZooModel, directory: str | Path) -> Path:
+    """Write ``model`` (a zoo LLaVA with a transformers vision tower, an ``mlp`` connector and a Phi or StableLM LM
+    sparsified by MoE-LLaVA's policy) in MoE-LLaVA's released layout: ``config.json`` (the LM's config with
+    ``model_type`` ``moe_llava_phi`` / ``moe_llava_stablelm``, ``mm_image_tower``, ``image_projector_type``,
+    ``mm_vision_select_*`` and the ``moe`` block), ``model.safetensors`` (DeepSpeed-MoE FFN names through
+    `zoo.lm.interop.export_moe_llava_state_dict`, the projector under ``model.mm_projector.image_spatial_proj``,
+    the tower under ``model.image_tower.image_tower``) and the tokenizer. A tower built from a config (no hub id)
+    is saved as a transformers directory ``image_tower/`` that ``mm_image_tower`` names. `from_released` reads the
+    result back into the same model."""
+    from safetensors.torch import save_file
+
+    from zoo.lm.interop import export_moe_llava_state_dict
+
+    directory = Path(directory)
+    vision, connector = model.config.vision, model.config.connector
+    if isinstance(vision, list) or vision.kind != "hf" or vision.scales or vision.sparsity is not None:
+        raise ValueError("vision: MoE-LLaVA's layout holds one transformers (CLIP / SigLIP) tower without scales or "
+                         "sparse blocks")
+    if connector.kind != "mlp":
+        raise ValueError(f"connector.kind: MoE-LLaVA's projector is an mlp, got {connector.kind!r}")
+    family = {v: k for k, v in LM_TYPES.items() if k.startswith("moe_llava")}.get(model.lm.config.model_type)
+    if family is None or family == "moe_llava_qwen":
+        raise ValueError(f"lm.config.model_type: MoE-LLaVA's layout is exported for phi and stablelm, got "
+                         f"{model.lm.config.model_type!r}")
+    state = export_moe_llava_state_dict(model.lm)
+    state.update({f"{PROJECTOR_PREFIXES['moe-llava'][0]}{k}": v for k, v in model.connector.layers.state_dict().items()})
+    tower = getattr(model.vision, "expert", model.vision).model
+    state.update({f"{TOWER_PREFIXES['moe-llava'][0]}vision_model.{k}": v for k, v in tower.state_dict().items()})
+    directory.mkdir(parents=True, exist_ok=True)
+    tower_name = vision.name
+    if not (vision.pretrained and vision.name):  # no hub id: save the tower so MoE-LLaVA's code can build it
+        tower_dir = directory / "image_tower"  # transformers 4's names (``vision_model.*``), which MoE-LLaVA pins
+        model.vision.hf_config.save_pretrained(tower_dir)
+        save_file({f"vision_model.{k}": v.detach().contiguous().clone() for k, v in tower.state_dict().items()},
+                  str(tower_dir / "model.safetensors"))
+        tower_name = str(tower_dir)
+    architecture = {"moe_llava_phi": "MoELLaVAPhiForCausalLM", "moe_llava_stablelm": "MoELLaVAStablelmForCausalLM"}
+    config = {**model.lm.config.to_dict(), "model_type": family, "architectures": [architecture[family]],
+              "mm_image_tower": tower_name, "image_projector_type": connector.projector,
+              "mm_hidden_size": model.vision.hf_config.hidden_size,
+              "mm_vision_select_layer": vision.feature_layer,
+              "mm_vision_select_feature": "patch" if vision.drop_prefix else "cls_patch",
+              "image_aspect_ratio": "pad" if vision.resize == "pad" else "square",
+              "tokenizer_model_max_length": model.config.max_length, "moe": _moe_block(model)}
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(directory)
+    return directory
+

@@ -14,7 +14,8 @@ eval capacity factor 2.0 with top-2 of 4 experts gives every expert room for all
 Import (`import_moe_llava_state_dict`): a MoE-LLaVA checkpoint's state dict in its released layout (DeepSpeed-MoE
 names: ``<layer>.mlp.deepspeed_moe.gate.wg.weight`` [E, d] and ``<layer>.mlp.deepspeed_moe.experts.
 deepspeed_experts.{e}.<FFN names>``; StableLM ``gate_proj/up_proj/down_proj``, Phi ``fc1/fc2``, Qwen ``w1/w2/
-c_proj``) into a zoo LM sparsified with the same policy. The original Qwen layout (``transformer.h.{i}``:
+c_proj``) into a zoo LM sparsified with the same policy; `export_moe_llava_state_dict` writes Phi and StableLM LMs
+back in those names (`moe_layer_to_deepspeed`: one layer as a ``deepspeed.moe.layer.MoE`` module's tensors). The original Qwen layout (``transformer.h.{i}``:
 ``c_attn`` = q|k|v, ``mlp.w2`` the gate and ``mlp.w1`` the up projection) maps onto transformers' Qwen2 names;
 the two agree up to Qwen's long-context tricks (dynamic NTK and logn attention act beyond 2,048 tokens only).
 """
@@ -258,6 +259,51 @@ def _stack_experts(i: int, experts: dict[int, dict[str, torch.Tensor]], moe: MoE
     out = {"w_in": torch.stack(w_in), "w_out": torch.stack(w_out)}
     if cfg.bias:
         out.update(b_in=torch.stack(b_in), b_out=torch.stack(b_out))
+    return out
+
+
+# MoE-LLaVA's expert FFN names per LM family, in w_in order and then the down projection (the inverse of _EXPERT_ROLES)
+MOE_LLAVA_EXPERT_NAMES = {"phi": ("fc1", "fc2"), "stablelm": ("gate_proj", "up_proj", "down_proj")}
+
+
+def moe_layer_to_deepspeed(moe: MoELayer, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """One zoo `MoELayer` as the tensors of a ``deepspeed.moe.layer.MoE`` module (names relative to its
+    ``deepspeed_moe``): ``gate.wg.weight`` [E, d] and ``experts.deepspeed_experts.{e}.<names>.weight`` /
+    ``.bias`` (nn.Linear layout), ``names`` being the expert FFN's linear layers, the down projection last."""
+    cfg, experts = moe.config, moe.experts
+    if cfg.router != "softmax_topk" or moe.shared is not None or moe.descend is not None or cfg.null_experts:
+        raise ValueError("lm.sparsity.moe: DeepSpeed-MoE holds a softmax top-k router over plain experts (no shared, "
+                         "null or BigMac experts)")
+    out = {"gate.wg.weight": moe.router.weight.detach().clone()}
+    first = names[:-1]
+    for e in range(experts.num_experts):
+        base = f"experts.deepspeed_experts.{e}."
+        for name, w in zip(first, experts.w_in[e].detach().t().chunk(len(first), 0)):
+            out[f"{base}{name}.weight"] = w.clone()
+        out[f"{base}{names[-1]}.weight"] = experts.w_out[e].detach().t().clone()
+        if experts.b_in is not None:
+            for name, b in zip(first, experts.b_in[e].detach().chunk(len(first), 0)):
+                out[f"{base}{name}.bias"] = b.clone()
+            out[f"{base}{names[-1]}.bias"] = experts.b_out[e].detach().clone()
+    return out
+
+
+def export_moe_llava_state_dict(lm: nn.Module) -> dict[str, torch.Tensor]:
+    """The LM tensors of a zoo LM sparsified with MoE-LLaVA's layer (``moe-llava`` preset) in MoE-LLaVA's released
+    names: every sparse layer's FFN as DeepSpeed-MoE (``model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight``,
+    ``...experts.deepspeed_experts.{e}.fc1.weight`` for Phi, ``gate_proj/up_proj/down_proj`` for StableLM), the rest
+    under transformers' names. `import_moe_llava_state_dict` reads it back exactly."""
+    family = lm.config.model_type
+    if family not in MOE_LLAVA_EXPERT_NAMES:
+        raise ValueError(f"lm.config.model_type: MoE-LLaVA releases Phi and StableLM in transformers' names (Qwen in "
+                         f"Qwen-1's); no export for {family!r}")
+    sparse = {i: layer.mlp.moe for i, layer in enumerate(decoder_layers(lm)) if isinstance(layer.mlp, SparseFFN)}
+    if not sparse or any(not isinstance(m, MoELayer) for m in sparse.values()):
+        raise ValueError("lm.sparsity: no MoE-LLaVA layer to export (sparsify with a softmax top-k policy first)")
+    out = {k: v.detach().clone() for k, v in lm.state_dict().items() if ".mlp.moe." not in k}
+    for i, moe in sparse.items():
+        for name, value in moe_layer_to_deepspeed(moe, MOE_LLAVA_EXPERT_NAMES[family]).items():
+            out[f"model.layers.{i}.{DEEPSPEED_MOE}{name}"] = value
     return out
 
 

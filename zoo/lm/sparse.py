@@ -241,3 +241,31 @@ def sparse_context(lm: nn.Module, modality: torch.Tensor | None, padding: torch.
         yield
     finally:
         ctx.modality, ctx.padding = previous
+
+
+def recompute_context_fn(lm: nn.Module):
+    """A ``context_fn`` for ``torch.utils.checkpoint`` (and torch's composable ``checkpoint``): activation
+    checkpointing runs a layer again in the backward pass, after the call that set the per-call contexts of the
+    LM's sparse and LoRA layers (masks, task tags) has ended; the recomputation gets the values the forward saw."""
+
+    def contexts() -> list:
+        return [c for c in (getattr(lm, "zoo_sparse_context", None), getattr(lm, "zoo_lora_context", None))
+                if c is not None]
+
+    def context_fn():
+        seen = [(ctx, dict(vars(ctx))) for ctx in contexts()]
+
+        @contextlib.contextmanager
+        def recompute():
+            current = [(ctx, dict(vars(ctx))) for ctx, _ in seen]
+            for ctx, values in seen:
+                vars(ctx).update(values)
+            try:
+                yield
+            finally:
+                for ctx, values in current:
+                    vars(ctx).update(values)
+
+        return contextlib.nullcontext(), recompute()
+
+    return context_fn

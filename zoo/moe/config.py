@@ -38,7 +38,9 @@ class MoEConfig:
     # routing
     router: str = "softmax_topk"  # a name in zoo.moe.ROUTERS
     renormalize: bool = True  # gates of the kept experts divided by their sum (Mixtral, MoE-LLaVA); False: raw scores
-    second_expert_sampling: bool = False  # MoE-LLaVA/DeepSpeed: 2nd choice by Gumbel sampling (training only)
+    # 2nd..k-th choices by Gumbel sampling: False (deterministic), True (training only), "always" (training and
+    # eval: the DeepSpeed 0.9.x top-2 gate MoE-LLaVA pinned, which added the noise in every forward)
+    second_expert_sampling: bool | Literal["always"] = False
     top_p: float = 0.5  # router "top_p": experts added until their cumulative probability passes top_p (<= top_k)
     expert_choice_factor: float = 2.0  # router "expert_choice": each expert takes C = ceil(T * factor / E) tokens
     null_experts: int = 0  # zero-compute experts a token may pick (AdaMoE / MoE++)

@@ -194,7 +194,13 @@ class ExpertMLP(nn.Module):
 
 
 class StackedExperts(nn.Module):
-    """E expert FFNs stored as stacked tensors (see the module docstring for the layout)."""
+    """E expert FFNs stored as stacked tensors (see the module docstring for the layout).
+
+    Routed slots reach the experts only through ``forward`` (`MoELayer`, `ModalityMoELayer` and the MoE connectors
+    call it): wrappers that gather a module's parameters around its own forward (FSDP2 shard units, DeepSpeed ZeRO-3)
+    then see every use of the stacked tensors. ``parallel`` (set by `zoo.moe.parallel.shard_experts`): this bank
+    holds a contiguous shard of the layer's experts and exchanges slots with the other shards by all-to-all.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, form: str = "swiglu",
                  activation: str = "silu", bias: bool = False):
@@ -209,6 +215,7 @@ class StackedExperts(nn.Module):
         self.b_in = nn.Parameter(torch.empty(num_experts, width_in)) if bias else None
         self.b_out = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
         self.act_fn = ACT2FN[activation]
+        self.parallel = None  # an expert-parallel shard plan (zoo.moe.parallel) when the bank is split over ranks
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -222,6 +229,15 @@ class StackedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size="
                 f"{self.intermediate_size}, form={self.form}, activation={self.activation}, bias={self.b_in is not None}")
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
+                dispatch) -> torch.Tensor:
+        """``y [T, d] = sum_s weight_s * expert_{e_s}(x[token_s])`` over the kept slots (``token``, ``expert``,
+        ``weight`` [S]; null-expert slots removed), computed by ``dispatch`` (a `zoo.moe.DISPATCHERS` backend) here,
+        or, for an expert-parallel shard, by the experts of every rank of its group (``parallel``)."""
+        if self.parallel is not None:
+            return self.parallel(self, x, token, expert, weight, dispatch)
+        return dispatch(self, x, token, expert, weight)
 
     # -- compute paths used by the dispatch backends ----------------------------------------------------------
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -130,11 +130,13 @@ def routing_stats(routing: Routing, keep: torch.Tensor, num_experts: int, rows: 
 
 
 def combine_weights(routing: Routing, keep: torch.Tensor) -> torch.Tensor:
-    """Gates of the slots: dropped slots zeroed, then per-token normalisation (if the router asks) and scale."""
+    """Gates of the slots: dropped slots zeroed, then per-token normalisation (if the router asks) and scale.
+    The per-token sum is clamped at the dtype's eps, DeepSpeed-MoE's rule: a token whose kept gates are all tiny
+    (its likely expert dropped) keeps tiny gates instead of being blown up to 1."""
     w = routing.score * keep.to(routing.score.dtype)
     if routing.normalize:
         denom = torch.zeros(routing.num_tokens, dtype=w.dtype, device=w.device).index_add_(0, routing.token, w)
-        w = w / (denom[routing.token] + 1e-20)
+        w = w / denom.clamp_min(torch.finfo(w.dtype).eps)[routing.token]
     return w * routing.scale if routing.scale != 1.0 else w
 
 
@@ -231,10 +233,10 @@ class MoELayer(nn.Module):
             slot_token = routing.token[real]
             slot_in = expert_in[slot_token] * weight[real].to(expert_in.dtype).unsqueeze(-1)
             slots = torch.arange(slot_in.shape[0], device=x.device)
-            per_slot = self.dispatch(self.experts, slot_in, slots, routing.expert[real], torch.ones_like(weight[real]))
+            per_slot = self.experts(slot_in, slots, routing.expert[real], torch.ones_like(weight[real]), self.dispatch)
             routed = per_slot.new_zeros(expert_in.shape[0], per_slot.shape[1]).index_add_(0, slot_token, per_slot)
         else:
-            routed = self.dispatch(self.experts, expert_in, routing.token[real], routing.expert[real], weight[real])
+            routed = self.experts(expert_in, routing.token[real], routing.expert[real], weight[real], self.dispatch)
         if self.ascend is not None:
             routed = self.ascend(routed)
         routed = routed.to(x.dtype)

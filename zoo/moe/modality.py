@@ -101,7 +101,7 @@ class ModalityMoELayer(nn.Module):
             aux.update(routing_losses(sub, routing, suffix=f"_{name}"))
             stats[name] = self._global_stats(routing, keep, name)
         token, expert, weight, keep = (torch.cat(v) for v in (tokens, experts, weights, keeps))
-        out = self.dispatch(self.experts, flat, token[keep], expert[keep], weight[keep]).to(x.dtype)
+        out = self.experts(flat, token[keep], expert[keep], weight[keep], self.dispatch).to(x.dtype)
         total = RoutingStats(
             assigned=stats["image"].assigned + stats["text"].assigned, kept=stats["image"].kept + stats["text"].kept,
             dropped=stats["image"].dropped + stats["text"].dropped, null=stats["image"].null + stats["text"].null,

@@ -7,7 +7,8 @@ index >= ``num_experts`` are null experts (zero compute). Router math runs in fp
 Registered names (``MoEConfig.router``):
 
 - ``softmax_topk``: top-k of softmax(x W^T); gates renormalised over the kept experts (``renormalize``) or raw.
-  ``second_expert_sampling`` picks choices 2..k by Gumbel sampling in training (MoE-LLaVA / DeepSpeed top2).
+  ``second_expert_sampling`` picks choices 2..k by Gumbel sampling in training (DeepSpeed's top-2 gate), or
+  ``"always"``, in eval too, as the DeepSpeed 0.9.x that MoE-LLaVA pinned did.
 - ``noisy_topk``: Shazeer et al. (2017): top-k of z + eps * softplus(x W_noise^T) in training; softmax over the kept.
 - ``expert_choice``: each expert takes its C = ceil(T * expert_choice_factor / E) best tokens (Zhou et al., 2022).
 - ``sigmoid_bias``: DeepSeek-V3: top-k of sigmoid(z) + b with group-limited selection; gates use sigmoid(z) only;
@@ -21,7 +22,7 @@ Registered names (``MoEConfig.router``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,15 @@ from torch import nn
 from zoo.moe.config import ROUTERS, MoEConfig
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
     """Flat token -> expert slots from one router call over T tokens.
 
     ``score`` holds the raw gate of each slot (differentiable); the layer zeroes dropped slots, then divides by the
     per-token sum when ``normalize`` and multiplies by ``scale``. ``logits`` and ``probs`` are [T, E + null] fp32;
     ``probs`` rows sum to 1 and feed the balance losses and the entropy statistic.
+
+    A named tuple, so wrappers that hook a module's output tensors (DeepSpeed ZeRO-3 re-gathers a router's weight
+    for the backward through them; FSDP2 walks outputs as a pytree) find the tensors of a router's output.
     """
 
     token: torch.Tensor  # [S] long
@@ -94,7 +97,8 @@ class SoftmaxTopKRouter(Router):
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.logits(x)
         probs = logits.softmax(dim=-1)
-        if self.config.second_expert_sampling and self.training and self.top_k > 1:
+        sampling = self.config.second_expert_sampling
+        if self.top_k > 1 and (sampling == "always" or (sampling is True and self.training)):
             first = probs.argmax(dim=-1, keepdim=True)
             uniform = torch.rand_like(logits).clamp(1e-20, 1.0 - 1e-7)
             gumbel = -torch.log(-torch.log(uniform))
