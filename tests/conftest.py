@@ -19,6 +19,23 @@ def tiny_config(**overrides) -> zoo.ModelConfig:
     return config
 
 
+# what torch.distributed / Lightning put in the environment when a test trains with ddp in this process; left behind,
+# the next library that looks (accelerate, under lmms-eval) would try to join a process group that is gone
+_DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+                    "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+_ENV_AT_START = {key: os.environ.get(key) for key in _DISTRIBUTED_ENV}
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env():
+    yield
+    for key, value in _ENV_AT_START.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @torch.no_grad()
 def randomise(module: torch.nn.Module, contains: str, std: float, seed: int) -> None:
     """Give every parameter whose name contains ``contains`` seeded N(0, std^2) values (routers that pick unevenly,

@@ -257,5 +257,5 @@ def test_zoo_load_reads_a_llava_hf_checkpoint_dir(tmp_path):
     assert_parity(llava_logits(llava, hf_ids, hf_mask, pixels), zoo_logits(model, ids, mask, pixels), hf_mask)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(zoo.checkpoint.CheckpointError, match="neither a zoo checkpoint"):
+    with pytest.raises(zoo.checkpoint.CheckpointError, match="model_type .bert. is not supported"):
         zoo.load(tmp_path / "other")

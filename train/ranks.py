@@ -53,7 +53,7 @@ class MemoryReport(L.Callback):
         if self.done or trainer.global_step < 1:
             return
         self.done = True
-        mine = held_bytes(module.model, trainer.optimizers[0])
+        mine = held_bytes(getattr(module, "model", module), trainer.optimizers[0])  # (ContrastiveModule: its clip)
         ranks = [mine]
         if dist.is_initialized() and dist.get_world_size() > 1:
             ranks = [None] * dist.get_world_size()

@@ -12,15 +12,15 @@ import threading
 from pathlib import Path
 
 from zoo.checkpoint import CHECKSUMS_NAME
+from zoo.errors import UsageError
 from zoo.serve.engine import Engine
 
 DEMO_MODEL = Path("runs/demo/model")
 
 
-class NoModelError(ValueError):
-    """`zoo serve` was given no model and the demo's export does not exist."""
-
-    exit_code = 2  # the command line ends with this message and status
+class NoModelError(UsageError):
+    """`zoo serve` was given no model and the demo's export does not exist (the command line ends with this message
+    and exit status 2)."""
 
 
 def default_model() -> str | None:
