@@ -248,7 +248,7 @@ def test_demo_runs_the_recipe_evaluates_both_models_and_reloads(short_run, capsy
                  "--no-progress"]) == 0
     table = capsys.readouterr().out
     scores = json.loads((out / "eval" / "results.json").read_text())["benchmarks"]["easy-vqa"]["scores"]
-    printed_rows = dict(re.findall(r"^\| ([a-z/ ]+) \| 200 \| ([\d.]+)%", printed.split("sparse (after stage 3, MoE-tune):")[1], re.M))
+    printed_rows = dict(re.findall(r"^\| ([a-z/ ]+) \| 200 \| ([\d.]+)%", printed.split("\nsparse (after stage 3, MoE-tune):\n")[1], re.M))
     assert f"| easy-vqa | test | 200 | accuracy | {printed_rows['overall']} |" in table
     for row, value in results["accuracy"]["moe"].items():
         assert scores["accuracy" if row == "overall" else row] == pytest.approx(100 * value, abs=1e-9)
