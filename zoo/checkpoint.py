@@ -186,17 +186,22 @@ def staged_directory(directory: str | Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _read_json(path: Path, missing: str) -> dict:
+    """The JSON object in ``path``; `CheckpointError` naming the file when it is absent (``missing`` says what that
+    means) or not valid JSON."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+
+
 def verify_checksums(directory: str | Path) -> None:
     """Check the files listed in ``checksums.json`` against their sha256; a mismatch names the file and both
     hashes, a missing list is an error too (the export predates checksums, or is not a zoo export)."""
     directory = Path(directory)
-    path = directory / CHECKSUMS_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing, so the export cannot be verified")
-    try:
-        expected = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    expected = _read_json(directory / CHECKSUMS_NAME, "missing, so the export cannot be verified")
     for name, digest in expected.items():
         actual = sha256_of(directory / name) if (directory / name).is_file() else "(missing)"
         if actual != digest:
@@ -207,12 +212,7 @@ def verify_checksums(directory: str | Path) -> None:
 def read_checkpoint_config(directory: Path) -> ModelConfig:
     """Read and strictly validate ``config.json`` of a checkpoint directory."""
     path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a zoo checkpoint directory)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    data = _read_json(path, "missing (not a zoo checkpoint directory)")
     version = data.pop("zoo_format", None)
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: zoo_format {version!r} is not supported (expected {FORMAT_VERSION})")
