@@ -102,16 +102,22 @@ class FeatureCache:
             self._write_shard(chunk, self._encode([todo[k] for k in chunk], batch_size))
         return len(keys)
 
-    def _missing(self, images: Sequence[Image.Image]) -> dict[str, Image.Image]:
+    def _missing(self, images: Sequence[Image.Image], keys: Sequence[str] | None = None) -> dict[str, Image.Image]:
         todo: dict[str, Image.Image] = {}
-        for i, image in enumerate(images):
-            try:
-                key = image_key(image)
-            except TypeError as e:
-                raise TypeError(f"image {i}: {e}") from e
+        for key, image in zip(keys if keys is not None else self._keys(images), images):
             if key not in self.index and key not in self._pending:
                 todo.setdefault(key, image)
         return todo
+
+    @staticmethod
+    def _keys(images: Sequence[Image.Image]) -> list[str]:
+        keys = []
+        for i, image in enumerate(images):
+            try:
+                keys.append(image_key(image))
+            except TypeError as e:
+                raise TypeError(f"image {i}: {e}") from e
+        return keys
 
     @torch.no_grad()
     def _encode(self, images: list[Image.Image], batch_size: int = 64) -> list[torch.Tensor]:
@@ -165,16 +171,20 @@ class FeatureCache:
         is then encoded now and kept, written with others as a shard of ``shard_size`` (and by `flush`)."""
         if not images:
             raise ValueError("images: nothing to read")
+        keys = self._keys(images)
         if add_missing:
-            todo = self._missing(images)
+            todo = self._missing(images, keys)
             if todo:
                 for key, *parts in zip(todo, *self._encode(list(todo.values()))):
                     self._pending[key] = parts
                 if len(self._pending) >= self.shard_size:
                     self.flush()
+        return self.lookup(keys)
+
+    def lookup(self, keys: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
+        """Cached features by `image_key` (as `get`, for callers that keep the keys of images they have seen)."""
         per_image = []
-        for i, image in enumerate(images):
-            key = image_key(image)
+        for i, key in enumerate(keys):
             if key in self._pending:
                 per_image.append(self._pending[key])
             elif key in self.index:

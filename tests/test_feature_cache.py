@@ -118,3 +118,31 @@ def test_align_stage_reads_features_and_matches_live_training(frozen_model, easy
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in after if not k.startswith("connector."))
     assert not torch.equal(before["connector.layers.0.weight"], after["connector.layers.0.weight"])
+
+
+def test_a_stream_keeps_image_keys_only_while_the_image_is_the_same(frozen_model, tmp_path):
+    """ConversationStream computes an image's cache key once per file (while its size and mtime stay) or per PIL
+    object; every item still carries that image's own live features, and a rewritten file is read again."""
+    import os
+
+    from zoo.train.conversations import Conversation, ConversationStream
+
+    a, b, c = _images(3, seed=1)
+    path = tmp_path / "img.png"
+    a.save(path)
+    samples = [Conversation(f"s{i}", [("user", "what?"), ("assistant", "red")], [im])
+               for i, im in enumerate([str(path), b, str(path), b])]
+    cache = FeatureCache(tmp_path / "cache", frozen_model.vision)
+    stream = ConversationStream(frozen_model, [samples], template="zoo", features=cache)
+    with torch.no_grad():
+        live = frozen_model.vision(frozen_model.vision.preprocess([a, b, c]))
+    items = list(stream)
+    same = lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-5)  # noqa: E731 (encoded one by one vs 3 together)
+    for item, want in zip(items, [0, 1, 0, 1]):
+        assert same(item[3][0], live[want]) and not same(item[3][0], live[1 - want])
+    assert len(stream._image_keys) == 2 and len(stream._encoded) == 1
+    c.save(path)  # a different picture under the same name: its size or modification time differs
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    items = list(stream)
+    assert same(items[0][3][0], live[2]) and same(items[1][3][0], live[1])

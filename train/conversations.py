@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from zoo.registry import Registry
 from .data import SkipCounter
 
 log = logging.getLogger(__name__)
+_MEMO_SIZE = 1 << 20  # entries per ConversationStream memo (token ids, image keys): bounds memory on huge corpora
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -397,6 +399,8 @@ class ConversationStream(IterableDataset):
             float(len(s)) if hasattr(s, "__len__") else 1.0 for s in self.sources]
         self.seed, self.epochs, self.warn_ratio = seed, epochs, warn_ratio
         self.features = features
+        self._encoded: dict[tuple, Encoded] = {}  # (turns, image count) -> token ids and labels (`encode`)
+        self._image_keys: dict = {}  # (path, mtime, size) or id(PIL image) -> (weakref or None, cache key)
         self.skipped = SkipCounter()
         self.seen = 0
         self.start = {"raw": 0, "valid": 0, "valid_end": 0}  # where iteration begins (`load_state_dict`)
@@ -418,16 +422,50 @@ class ConversationStream(IterableDataset):
                     live.pop(i)
 
     def encode(self, sample: Conversation):
-        """One item ``(id, input_ids, labels, pixels)``, or raises `BadSample`."""
-        encoded = encode_conversation(self.model, sample, self.template)
+        """One item ``(id, input_ids, labels, pixels)``, or raises `BadSample`. Epochs repeat the same texts and
+        images: the token ids of a conversation and, with ``features``, the cache key of an image file (valid while
+        the file's size and modification time stay) are computed once per stream."""
+        key = (tuple(map(tuple, sample.turns)), len(sample.images))
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            encoded = encode_conversation(self.model, sample, self.template)
+            if len(self._encoded) < _MEMO_SIZE:
+                self._encoded[key] = encoded
         pixels = None
         if sample.images:
-            images = [load_image(im) for im in sample.images]
             if self.features is not None:
-                pixels = self.features.get(images, add_missing=True)
+                pixels = self.features.lookup([self._feature_key(im) for im in sample.images])
             else:
-                pixels = self.model.vision.preprocess(images)
+                pixels = self.model.vision.preprocess([load_image(im) for im in sample.images])
         return sample.id, encoded.input_ids, encoded.labels, pixels
+
+    def _feature_key(self, image) -> str:
+        """The feature-cache key of one image (encoded into the cache if it is not there yet). A file's key is kept
+        while its size and modification time stay; an in-memory PIL image's while the object lives (sources such as
+        easy-vqa share one decoded image between its questions; an image changed in place is not re-hashed)."""
+        from zoo.encoders import image_key
+
+        stamp = ref = None
+        if isinstance(image, (str, Path)):
+            try:
+                stat = os.stat(image)
+                stamp = (str(image), stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                pass  # load_image names the missing file
+        elif isinstance(image, Image.Image):
+            stamp = id(image)
+        known = self._image_keys.get(stamp) if stamp is not None else None
+        if known is not None and (known[0] is None or known[0]() is image):
+            return known[1]
+        loaded = load_image(image)
+        self.features.get([loaded], add_missing=True)
+        key = image_key(loaded)
+        if stamp is not None:
+            if len(self._image_keys) >= _MEMO_SIZE:
+                self._image_keys.clear()
+            ref = weakref.ref(image) if isinstance(image, Image.Image) else None
+            self._image_keys[stamp] = (ref, key)
+        return key
 
     def state_dict(self, position: dict | None = None) -> dict:
         """The resume state: ``position`` (a batch's ``data_position``: where the next unconsumed sample starts) and
