@@ -93,7 +93,8 @@ def test_a_finished_run_is_refused_resumed_only_with_its_recipe_and_replaced_on_
     assert (finished / "02-moe" / "stage.json").exists() and not (finished / "run.lock").exists()
 
 
-def test_a_second_process_on_the_same_run_directory_is_refused_naming_the_first(tmp_path):
+def test_a_second_process_on_the_same_run_directory_is_refused_naming_the_first(tmp_path, capsys):
+    """The first run is a process of its own; the second and the take-over run in this process (another pid)."""
     first = subprocess.Popen(_command(tmp_path / "run", "stages.0.train.steps=400"), env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -101,14 +102,14 @@ def test_a_second_process_on_the_same_run_directory_is_refused_naming_the_first(
         while not (tmp_path / "run" / "run.lock").exists():
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
             time.sleep(0.05)
-        second = _run(_command(tmp_path / "run", "stages.0.train.steps=400", extra=("--resume",)))
+        second = _main(_command(tmp_path / "run", "stages.0.train.steps=400", extra=("--resume",)), capsys)
         assert second.returncode == 2
         assert f"another process trains into this run directory (pid {first.pid} on" in _error_line(second)
     finally:
         first.kill()
         first.wait()
     # the killed holder left its lock: the next run takes it over, with a message
-    again = _run(_command(tmp_path / "run", extra=("--overwrite",)))
+    again = _main(_command(tmp_path / "run", extra=("--overwrite",)), capsys)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"taking over the stale lock of pid {first.pid}" in again.stderr
 
