@@ -1,6 +1,6 @@
 """`zoo serve` under load: 32 concurrent clients against the same requests sent one after another, to one server
-process (dynamic batching up to --max-batch) over HTTP (httpx, prebuilt OpenAI chat-completion bodies, so the
-client's own CPU time, on the same 2 cores, stays small).
+process (dynamic batching up to --max-batch) over HTTP (httpx, prebuilt OpenAI chat-completion bodies and clients
+made before the clock starts, so the client's own CPU time, on the same 2 cores, stays small).
 
     .venv/bin/python bench/serve.py                          # runs/demo/model, 128 requests per phase
     .venv/bin/python bench/serve.py --model runs/x/model --requests 256 --clients 32 --max-batch 32
