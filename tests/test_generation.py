@@ -13,7 +13,7 @@ from torch import nn
 from transformers import GenerationConfig, TextIteratorStreamer
 
 import zoo
-from zoo.generation import TextStream, check_generation_config, sampling_config, trim_at_stop
+from zoo.generation import TextStream, check_generation_config, sampling_config, set_fields, trim_at_stop
 
 WORDS = ("red", "blue", "green", "circle", "yes")  # the five tokens with finite logits, most likely first
 LOGITS = (2.0, 1.6, 0.9, 0.45, 0.1)
@@ -149,6 +149,16 @@ def test_stop_strings_and_per_sequence_budgets(known):
         check_generation_config(GenerationConfig(no_repeat_ngram_size=2))
     with pytest.raises(ValueError, match="seed: 2 values for a batch of 3"):
         model.generate(pixels, prompt, mask, generation_config=configs, seed=[1, 2])
+
+
+def test_set_fields_are_those_of_transformers_diff_dict():
+    configs = [GenerationConfig(), sampling_config(), sampling_config(temperature=0.7, top_p=0.9, top_k=20, min_p=0.1,
+                                                                      repetition_penalty=1.2, stop=["."]),
+               GenerationConfig(num_beams=4, no_repeat_ngram_size=2, max_new_tokens=5, eos_token_id=[1, 2])]
+    for config in configs:
+        expected = set(config.to_diff_dict()) - {"transformers_version"}
+        assert set(set_fields(config)) == expected
+    assert set(set_fields(configs[2])) >= {"do_sample", "temperature", "top_k", "top_p", "min_p", "stop_strings"}
 
 
 def test_streaming_pieces_join_to_the_answer(known):

@@ -111,6 +111,18 @@ def test_seeded_sampling_through_the_api(server):
     assert len(draws) > 1  # sampling at a high temperature is not greedy
 
 
+def test_concurrent_streams_arrive_token_by_token_each_to_its_own_request(server):
+    url = data_url(server["images"][2])
+    options = [{"temperature": 2.0, "seed": seed, "max_tokens": 6} for seed in range(8)]
+    plain = [ask(server, QUESTIONS[0], url, **o).choices[0].message.content for o in options]
+    with ThreadPoolExecutor(8) as pool:  # streamed together: one engine batch, one event hand-over per step
+        streams = list(pool.map(lambda o: list(ask(server, QUESTIONS[0], url, stream=True, **o)), options))
+    pieces = [[c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+              for chunks in streams]
+    assert ["".join(p) for p in pieces] == plain
+    assert [len(p) for p in pieces] == [len(text.split()) for text in plain]  # a chunk per generated word
+
+
 def not_an_image() -> str:
     return "data:image/png;base64," + base64.b64encode(b"plain text, not a picture").decode()
 
@@ -172,6 +184,8 @@ def test_malformed_json_and_missing_key_are_refused(server):
     for auth in ({}, {"Authorization": "Bearer wrong"}):
         reply = httpx.get(f"{server['url']}/v1/models", headers=auth)
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+    reply = httpx.post(url, content=b'{"model": "x"}', headers={"Authorization": "Bearer wrong"})
+    assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{server['url']}/config").status_code == 401  # the page's API wants the login too
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server['url']}/v1", api_key="wrong", max_retries=0).models.list()

@@ -3,6 +3,7 @@ mixed requests streams each one the text `ZooModel.generate` gives it alone."""
 
 from __future__ import annotations
 
+import asyncio
 import queue
 
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 import zoo
 from zoo.generation import sampling_config
+from zoo.serve.api import EventRelay
 from zoo.serve.engine import Engine
 from zoo.serve.models import ModelPool, local_checkpoints, model_choices
 
@@ -71,6 +73,44 @@ def test_engine_batches_mixed_requests_and_streams_each_its_own_answer():
         assert done.finish_reason == ("stop" if eos in alone.tolist() else "length")
         assert done.prompt_tokens == len(ids[0]) - 1 + model.num_image_tokens
     assert engine.call(lambda m: m is model).result(timeout=60)
+    engine.close()
+
+
+def test_relayed_events_reach_each_request_token_by_token_as_the_engine_sent_them():
+    torch.manual_seed(0)
+    model = zoo.build(tiny_config()).eval()  # untrained: answers of several tokens
+    engine = Engine(model, max_batch=4, wait=0.5)
+    images = [Image.new("RGB", (64, 64), colour) for colour in ((200, 0, 0), (0, 0, 200), (0, 150, 0))]
+    questions = ["what color is it?", "is there a circle in the image?", "what shape?"]
+
+    def submit_all(sinks):
+        for question, image, sink in zip(questions, images, sinks):
+            engine.submit(model.encode_prompt(question), image, sampling_config(max_new_tokens=5), None, sink)
+
+    direct = [queue.Queue() for _ in questions]  # the engine's own events, one batch
+    submit_all([q.put for q in direct])
+    expected = []
+    for q in direct:
+        expected.append([q.get(timeout=300)])
+        while expected[-1][-1][0] == "text":
+            expected[-1].append(q.get(timeout=300))
+
+    async def relayed():
+        relay = EventRelay(asyncio.get_running_loop())
+        queues = [asyncio.Queue() for _ in questions]
+        submit_all([relay.sink(q) for q in queues])  # the same batch, its events handed over in bursts
+        got = []
+        for q in queues:
+            got.append([await asyncio.wait_for(q.get(), 300)])
+            while got[-1][-1][0] == "text":
+                got[-1].append(await asyncio.wait_for(q.get(), 300))
+        return got
+
+    got = asyncio.run(relayed())
+    assert [[(kind, str(value)) for kind, value in events] for events in got] == \
+        [[(kind, str(value)) for kind, value in events] for events in expected]
+    assert max(sum(kind == "text" for kind, _ in events) for events in got) > 1  # several pieces, one at a time
+    assert engine.batch_sizes == [3, 3]
     engine.close()
 
 

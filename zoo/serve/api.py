@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -23,18 +25,58 @@ from zoo.serve.models import ModelPool
 from zoo.serve.requests import ChatRequest, ImageLimits, RequestError, read_chat_request
 
 
-def add_api(app: FastAPI, pool: ModelPool, limits: ImageLimits, api_key: str | None = None) -> None:
-    """Add the ``/v1`` routes (and their key check) to ``app``."""
+class KeyCheck:
+    """ASGI middleware: an HTTP request under ``/v1`` without ``Authorization: Bearer <key>`` gets 401 and the OpenAI
+    error object. Plain ASGI, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware behind that runs every
+    request in an extra task and pipes every response through a memory stream."""
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not secrets.compare_digest(given, self.expected):
                 error = RequestError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                                      code="invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class EventRelay:
+    """Hands the engine thread's events to the asyncio queues of one event loop. Events sent while a hand-over is
+    already scheduled ride along with it, so the events a batch step makes for all its requests wake the loop once
+    (``call_soon_threadsafe`` writes the loop's wake-up pipe on every call) and still arrive one by one, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+        self._lock = threading.Lock()
+
+    def sink(self, events: asyncio.Queue) -> Callable[[object], None]:
+        """The engine's sink for one request: its events go to ``events``."""
+        return lambda event: self.send(events, event)
+
+    def send(self, events: asyncio.Queue, event: object) -> None:
+        with self._lock:
+            self._pending.append((events, event))
+            first = len(self._pending) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for events, event in pending:
+            events.put_nowait(event)
+
+
+def add_api(app: FastAPI, pool: ModelPool, limits: ImageLimits, api_key: str | None = None) -> None:
+    """Add the ``/v1`` routes (and their key check) to ``app``."""
+    if api_key:
+        app.add_middleware(KeyCheck, api_key=api_key)
+    relays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # an EventRelay per event loop
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError):
@@ -69,15 +111,17 @@ def add_api(app: FastAPI, pool: ModelPool, limits: ImageLimits, api_key: str | N
             raise RequestError(404, f"model: {chat.model!r} is not served here; served: {', '.join(pool.names())}",
                                "model", "model_not_found")
         engine = pool.get(chat.model)
-        events = submit(engine, chat)
+        loop = asyncio.get_running_loop()
+        relay = relays.get(loop) or relays.setdefault(loop, EventRelay(loop))
+        events = submit(engine, chat, relay)
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": chat.model}
         if chat.stream:
             return StreamingResponse(sse(events, reply, chat.include_usage), media_type="text/event-stream")
         return await complete(events, reply)
 
 
-def submit(engine: Engine, chat: ChatRequest) -> asyncio.Queue:
-    """Queue the request on ``engine``; its events arrive on the returned asyncio queue."""
+def submit(engine: Engine, chat: ChatRequest, relay: EventRelay) -> asyncio.Queue:
+    """Queue the request on ``engine``; its events arrive (through ``relay``) on the returned asyncio queue."""
     model = engine.model
     try:
         prompt = conversation_ids(model, chat.turns)
@@ -92,9 +136,7 @@ def submit(engine: Engine, chat: ChatRequest) -> asyncio.Queue:
     config = chat.config
     config.max_new_tokens = chat.max_tokens or room
     events: asyncio.Queue = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    engine.submit(prompt, chat.image, config, chat.seed, lambda event: loop.call_soon_threadsafe(events.put_nowait,
-                                                                                                 event))
+    engine.submit(prompt, chat.image, config, chat.seed, relay.sink(events))
     return events
 
 
