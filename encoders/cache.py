@@ -171,15 +171,19 @@ class FeatureCache:
         is then encoded now and kept, written with others as a shard of ``shard_size`` (and by `flush`)."""
         if not images:
             raise ValueError("images: nothing to read")
+        return self.lookup(self.keep(images) if add_missing else self._keys(images))
+
+    def keep(self, images: Sequence[Image.Image]) -> list[str]:
+        """The `image_key` of each image, encoding the ones not cached yet (kept as `get` with ``add_missing`` keeps
+        them); `lookup` reads their features by these keys."""
         keys = self._keys(images)
-        if add_missing:
-            todo = self._missing(images, keys)
-            if todo:
-                for key, *parts in zip(todo, *self._encode(list(todo.values()))):
-                    self._pending[key] = parts
-                if len(self._pending) >= self.shard_size:
-                    self.flush()
-        return self.lookup(keys)
+        todo = self._missing(images, keys)
+        if todo:
+            for key, *parts in zip(todo, *self._encode(list(todo.values()))):
+                self._pending[key] = parts
+            if len(self._pending) >= self.shard_size:
+                self.flush()
+        return keys
 
     def lookup(self, keys: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """Cached features by `image_key` (as `get`, for callers that keep the keys of images they have seen)."""

@@ -443,9 +443,7 @@ class ConversationStream(IterableDataset):
         """The feature-cache key of one image (encoded into the cache if it is not there yet). A file's key is kept
         while its size and modification time stay; an in-memory PIL image's while the object lives (sources such as
         easy-vqa share one decoded image between its questions; an image changed in place is not re-hashed)."""
-        from zoo.encoders import image_key
-
-        stamp = ref = None
+        stamp = None
         if isinstance(image, (str, Path)):
             try:
                 stat = os.stat(image)
@@ -457,9 +455,7 @@ class ConversationStream(IterableDataset):
         known = self._image_keys.get(stamp) if stamp is not None else None
         if known is not None and (known[0] is None or known[0]() is image):
             return known[1]
-        loaded = load_image(image)
-        self.features.get([loaded], add_missing=True)
-        key = image_key(loaded)
+        key = self.features.keep([load_image(image)])[0]
         if stamp is not None:
             if len(self._image_keys) >= _MEMO_SIZE:
                 self._image_keys.clear()
