@@ -17,8 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from serving import ServerProcess  # noqa: E402
-from test_serve_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from serving import ServerProcess, ask_and_open_experts, chromium_page, upload_image  # noqa: E402
 
 
 def main() -> None:
@@ -29,26 +28,17 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=0, help="index of the easy-vqa test image")
     args = parser.parse_args()
     from easy_vqa import get_test_image_paths
-    from playwright.sync_api import sync_playwright
 
-    image = get_test_image_paths()[sorted(get_test_image_paths())[args.image]]
+    paths = get_test_image_paths()
+    image = paths[sorted(paths)[args.image]]
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(args.model, log=Path(tmp) / "serve.log")
         try:
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1280, "height": 1000})
-                page.set_default_timeout(120_000)
-                page.goto(server.url)
-                page.locator("#image input[type=file]").set_input_files(image)
-                page.locator("#image img").wait_for()
-                page.locator("#question textarea").fill(args.question)
-                page.locator("#send").click()
-                page.get_by_role("tab", name="Experts").click()
-                page.locator("#heatmaps img").first.wait_for()
+            with chromium_page(server.url) as page:
+                upload_image(page, image)
+                ask_and_open_experts(page, args.question)
                 page.screenshot(path=args.out, full_page=True)
                 answer = page.locator('#chat [data-testid="bot"]').last.inner_text().strip()
-                browser.close()
         finally:
             server.stop()
     print(f"{args.out}: {args.model} answered {args.question!r} with {answer!r}")

@@ -1,8 +1,11 @@
-"""`zoo serve` as a real subprocess on a free loopback port, for the API and browser tests (stopped by its pid)."""
+"""`zoo serve` as a real subprocess on a free loopback port, for the API and browser tests (stopped by its pid), and
+its page in headless Chromium (Debian's ``chromium`` driven by playwright), for the browser test and
+docs/screenshot.py."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -15,6 +18,10 @@ import urllib.request
 from pathlib import Path
 
 from PIL import Image
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def free_port() -> int:
@@ -65,3 +72,36 @@ def data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@contextlib.contextmanager
+def chromium_page(url: str):
+    """A 1280x1000 page of headless Chromium at ``url`` (2-minute timeouts), closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(120_000)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+def upload_image(page, path: str | Path) -> None:
+    """Put the image file into the page's image box and wait until it is shown."""
+    page.locator("#image input[type=file]").set_input_files(str(path))
+    page.locator("#image img").wait_for()
+
+
+def ask_and_open_experts(page, question: str):
+    """Send ``question``, open the Experts tab and wait for its first heatmap (drawn once the answer is complete);
+    returns that heatmap's locator."""
+    page.locator("#question textarea").fill(question)
+    page.locator("#send").click()
+    page.get_by_role("tab", name="Experts").click()
+    heatmap = page.locator("#heatmaps img").first
+    heatmap.wait_for()
+    return heatmap

@@ -8,13 +8,10 @@ import shutil
 
 import pytest
 from PIL import Image
-from serving import ServerProcess
+from serving import CHROMIUM, ServerProcess, ask_and_open_experts, chromium_page, upload_image
 
 from zoo.experts import beside, expert_colour, expert_map
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 QUESTION = "what color is the shape?"
 CELL, GAP = 32, 8  # zoo.experts.beside's defaults, as the page draws them
 
@@ -33,17 +30,10 @@ WATCH_ANSWER = """() => {
 def browser_page(demo_checkpoint, tmp_path_factory):
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
     server = ServerProcess(demo_checkpoint["path"], log=tmp_path_factory.getbasetemp() / "serve-browser.log")
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(120_000)
-            page.goto(server.url)
+        with chromium_page(server.url) as page:
             yield page
-            browser.close()
     finally:
         server.stop()
 
@@ -53,14 +43,9 @@ def test_upload_ask_stream_and_see_the_experts(browser_page, demo_checkpoint, tm
     path = demo_checkpoint["image"]
     image = Image.open(path).convert("RGB")
     expected = model.answer([image], [QUESTION])[0]
-    page.locator("#image input[type=file]").set_input_files(str(path))
-    page.locator("#image img").wait_for()  # the upload is shown
+    upload_image(page, path)
     page.evaluate(WATCH_ANSWER)
-    page.locator("#question textarea").fill(QUESTION)
-    page.locator("#send").click()
-    page.get_by_role("tab", name="Experts").click()
-    heatmap = page.locator("#heatmaps img").first
-    heatmap.wait_for()  # drawn once the answer is complete
+    heatmap = ask_and_open_experts(page, QUESTION)
     assert page.locator('#chat [data-testid="bot"]').last.inner_text().strip() == expected
     seen = page.evaluate("window.answerTexts")
     assert seen and seen[-1] == expected and all(expected.startswith(text) for text in seen)
