@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
+from PIL import Image
 
 import zoo
 from zoo.config import ConfigError, configs_dir
@@ -61,6 +62,24 @@ def test_train_split_captions(easy_vqa):
     for s in easy_vqa["train"].samples:
         if s.image in by_image and s.answer in ("circle", "rectangle", "triangle"):
             assert by_image[s.image].shape == s.answer
+
+
+def test_a_limited_split_reads_only_its_images_and_equals_the_head_of_the_whole(easy_vqa, monkeypatch):
+    import zoo.train.data as data
+
+    opened = []
+    monkeypatch.setattr(data, "open_image", lambda path: opened.append(path) or Image.open(path).convert("RGB"))
+    head = data.load_easy_vqa("train", limit=50)
+    whole = easy_vqa["train"]
+    assert [(s.id, s.question, s.answer) for s in head.samples] == [(s.id, s.question, s.answer)
+                                                                     for s in whole.samples[:50]]
+    needed = sorted({s.image for s in whole.samples[:50]})
+    assert len(opened) == len(head.images) == len(needed) < 20  # not the 4,000 images of the split
+    for s, w in zip(head.samples, whole.samples[:50]):
+        assert head.images[s.image].tobytes() == whole.images[w.image].tobytes()
+    assert [s.id for s in EasyVQA().load(30)] == [f"easy-vqa/test/{n}" for n in range(30)]
+    with pytest.raises(ConfigError, match="limit: must be >= 1"):
+        data.load_easy_vqa("train", limit=0)
 
 
 # ------------------------------------------------------------------------------------------------ losses

@@ -41,15 +41,22 @@ class VQASplit:
     skipped: SkipCounter = field(default_factory=lambda: SkipCounter())
 
 
-def load_easy_vqa(split: str = "train") -> VQASplit:
-    """The easy-vqa data shipped inside the ``easy-vqa`` package (no download): 64x64 shape images."""
+def load_easy_vqa(split: str = "train", limit: int | None = None) -> VQASplit:
+    """The easy-vqa data shipped inside the ``easy-vqa`` package (no download): 64x64 shape images. ``limit``: the
+    first N questions only, and only their images are opened (a short run does not decode all 4,000)."""
     import easy_vqa
 
     if split not in SPLITS:
         raise ConfigError(f"split: expected one of {SPLITS}, got {split!r}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit: must be >= 1 (or null for all questions), got {limit}")
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
-    return read_vqa_split(list(zip(questions, answers, image_ids)), paths, f"easy-vqa/{split}")
+    triples = list(zip(questions, answers, image_ids))[:limit]
+    if limit is not None:
+        needed = {image_id for _q, _a, image_id in triples}
+        paths = {image_id: path for image_id, path in paths.items() if image_id in needed}
+    return read_vqa_split(triples, paths, f"easy-vqa/{split}")
 
 
 def read_vqa_split(questions: Sequence[tuple[str, str, int]], image_paths: Mapping[int, str | Path],

@@ -270,7 +270,8 @@ def build_model(recipe: RecipeConfig) -> ZooModel:
 def build_source(config: SourceConfig, skipped: SkipCounter):
     """The conversations of a source: a list (easy-vqa, LLaVA JSON) or a re-iterable callable (webdataset)."""
     if config.kind == "easy-vqa":
-        split = load_easy_vqa(config.split)
+        # questions: only the first `limit` and their images are read; captions need every question of an image
+        split = load_easy_vqa(config.split, config.limit if config.task == "questions" else None)
         skipped.extend(split.skipped)  # questions about images that cannot be used (their images are left out)
         if config.task == "captions":
             from .captions import caption_images
