@@ -206,7 +206,7 @@ def test_questions_about_unusable_easy_vqa_images_are_counted_skips_and_the_rest
 
     skipped = SkipCounter()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(recipe, "load_easy_vqa", lambda name: split)
+        patch.setattr(recipe, "load_easy_vqa", lambda name, limit=None: split)
         captions = recipe.build_source(recipe.SourceConfig(kind="easy-vqa", task="captions"), skipped)
     assert {i for ids in skipped.by_reason.values() for i in ids} >= bad
     assert all(any(str(path) in reason for reason in skipped.by_reason) for path, _ in unusable.values())
