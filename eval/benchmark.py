@@ -90,9 +90,14 @@ class Benchmark:
     def read(self) -> list[Sample]:
         raise NotImplementedError
 
+    def read_head(self, limit: int | None) -> list[Sample]:
+        """What `load` checks and cuts to ``limit``: all of `read`, unless a reader can stop after the first ``limit``
+        questions (easy-vqa then opens only their images)."""
+        return self.read()
+
     def load(self, limit: int | None = None) -> list[Sample]:
         """All samples (or the first ``limit`` questions; MMBench keeps all rotations of a question together)."""
-        samples = self.read()
+        samples = self.read_head(limit)
         repeated = [i for i, n in Counter(s.id for s in samples).items() if n > 1]
         if repeated:
             raise BenchmarkDataError(f"{self.name}: question id(s) {repeated[:5]} occur more than once in "

@@ -18,20 +18,15 @@ class EasyVQA(Benchmark):
     name = "easy-vqa"
     max_new_tokens = 4
     metrics = ("accuracy", "colour", "shape", "yes/no", "majority baseline")
-    _limit: int | None = None  # set while `load` reads
-
-    def load(self, limit: int | None = None) -> list[Sample]:
-        """All test questions, or the first ``limit`` (only their images are read)."""
-        self._limit = limit
-        try:
-            return super().load(limit)
-        finally:
-            self._limit = None
 
     def read(self) -> list[Sample]:
+        return self.read_head(None)
+
+    def read_head(self, limit: int | None) -> list[Sample]:
+        """The first ``limit`` questions (all for None), opening only their images."""
         from zoo.train.data import load_easy_vqa  # the one easy-vqa reader (zoo.train owns the training data)
 
-        split = load_easy_vqa(self.split, self._limit)
+        split = load_easy_vqa(self.split, limit)
         for reason, ids in split.skipped.by_reason.items():  # evaluation never leaves a question out silently
             raise BenchmarkDataError(f"easy-vqa: question {ids[0]}: {reason} ({split.skipped.total} question(s) ask "
                                      "about images that cannot be used)")

@@ -281,9 +281,8 @@ def build_source(config: SourceConfig, skipped: SkipCounter):
             # no placeholder in the user turn: encoding puts the model's own image token there
             return [Conversation(c.id, [("user", ""), ("assistant", c.caption)], [split.images[c.image]],
                                  labels={"colour": c.colour, "shape": c.shape}) for c in captioned]
-        samples = split.samples[: config.limit] if config.limit else split.samples
         return [Conversation(s.id, [("user", s.question), ("assistant", s.answer)], [split.images[s.image]])
-                for s in samples]
+                for s in split.samples]  # already the first `limit` questions
     if config.kind == "llava-json":
         if not config.path:
             raise ConfigError("data.path: the LLaVA JSON file")
